@@ -1,0 +1,83 @@
+"""The ``t2t-dist`` command: model table and shard tools. Training runs through ``jobs/``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from t2t_dist.config import ConfigError
+
+
+def _models(args: argparse.Namespace) -> None:
+    from t2t_dist.models import format_model_table
+
+    print(format_model_table(args.names or None))
+
+
+def _shards_write(args: argparse.Namespace) -> None:
+    from t2t_dist.data import write_shards
+
+    manifest = write_shards(args.src, args.dest, prefix=args.prefix,
+                            samples_per_shard=args.samples_per_shard, max_side=args.max_side,
+                            processes=args.processes, shuffle_seed=args.seed)
+    print(f"wrote {manifest['num_samples']} samples of {len(manifest['classes'])} classes "
+          f"in {len(manifest['shards'])} shards to {args.dest}")
+
+
+def _shards_check(args: argparse.Namespace) -> None:
+    from t2t_dist.data import check_shards
+
+    report = check_shards(args.urls)
+    print(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _shards_digits(args: argparse.Namespace) -> None:
+    from t2t_dist.data import make_digits_dataset
+
+    urls = make_digits_dataset(args.dest, img_size=args.img_size)
+    print(f"digits shards: train={urls['train']} val={urls['val']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2t-dist", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="table of model variants: params, GMACs, paper")
+    models.add_argument("names", nargs="*", help="variants to show (default: all)")
+    models.set_defaults(func=_models)
+
+    shards = commands.add_parser("shards", help="write and check WebDataset shards")
+    shard_commands = shards.add_subparsers(dest="shards_command", required=True)
+    write = shard_commands.add_parser("write", help="ImageFolder tree -> tar shards (+ manifest)")
+    write.add_argument("src", help="folder with one sub-folder of JPEGs per class")
+    write.add_argument("dest", help="local folder or s3://bucket/prefix")
+    write.add_argument("--prefix", default="imagenet1k-train", help="shard name prefix")
+    write.add_argument("--samples-per-shard", type=int, default=1000)
+    write.add_argument("--max-side", type=int, default=None,
+                       help="pre-resize so the shorter side is at most this many pixels")
+    write.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    write.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")
+    write.set_defaults(func=_shards_write)
+    check = shard_commands.add_parser("check", help="read shards back and report")
+    check.add_argument("urls", help="e.g. s3://bucket/train/imagenet1k-train-{0000..1023}.tar")
+    check.set_defaults(func=_shards_check)
+    digits = shard_commands.add_parser("digits", help="scikit-learn digits as demo shards")
+    digits.add_argument("dest", help="local folder or s3://bucket/prefix")
+    digits.add_argument("--img-size", type=int, default=64, help="side of the upscaled JPEGs")
+    digits.set_defaults(func=_shards_digits)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"t2t-dist: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The configuration layer: one frozen dataclass per concern, one ``Config`` holding them.
+
+    config = load_config("jobs/configs/demo.yaml", model="t2t_vit_7", overrides=["optim.lr=1e-3"])
+
+Precedence: dataclass defaults < YAML file < ``--model`` < ``--set a.b=c`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from t2t_dist.config.base import ConfigError, fail, flatten, from_dict, to_dict
+from t2t_dist.config.data import DataConfig
+from t2t_dist.config.model import ModelConfig
+from t2t_dist.config.train import EngineConfig, OptimConfig, RunConfig, ScalingConfig
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
+    "RunConfig", "ScalingConfig", "apply_overrides", "flatten", "from_dict", "load_config",
+    "save_config", "to_dict",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        workers = self.scaling.num_workers
+        micro = self.engine.micro_batch or self.data.global_batch // workers
+        if micro == 0 or self.data.global_batch % (micro * workers):
+            fail("data.global_batch", self.data.global_batch,
+                 f"a multiple of micro_batch({micro}) x workers({workers})")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is invalid: expected section.field=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings (values parsed as YAML) to a nested dict, returning a new one."""
+    result = to_dict(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = result
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} is invalid: {part!r} is not a section")
+        node[path[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, *, model: str | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config, apply ``--model`` and ``--set`` overrides, and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: expected a YAML file "
+                              f"such as jobs/configs/demo.yaml")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} is invalid: expected a mapping at top")
+    if model:
+        data = apply_overrides(data, [f"model.name={model}"])
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the fully resolved config; ``load_config`` reads it back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that re-runs validation (a frozen config is never mutated)."""
+    return dataclasses.replace(config, **changes)

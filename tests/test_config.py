@@ -1,0 +1,70 @@
+"""The configuration layer: YAML + overrides round trip, one-line errors naming field and value."""
+
+from pathlib import Path
+
+import pytest
+
+from t2t_dist.config import (Config, ConfigError, apply_overrides, flatten, load_config,
+                             save_config, to_dict)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    config = Config()
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_precedence_file_then_model_then_set(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {name: t2t_vit_14, img_size: 384}\noptim: {lr: 0.001}\n")
+    config = load_config(tmp_path / "c.yaml", model="t2t_vit_7",
+                         overrides=["optim.lr=2e-3", "optim.betas=[0.8, 0.9]"])
+    assert config.model.name == "t2t_vit_7" and config.model.img_size == 384
+    assert config.optim.lr == 2e-3 and config.optim.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.precision=fp8"], "engine.precision='fp8' is invalid: expected one of 'fp32', 'bf16', 'fp16'"),
+    (["engine.presicion=bf16"], "unknown config key 'engine.presicion'"),
+    (["data.global_batch=1000", "scaling.num_workers=8", "engine.micro_batch=64"],
+     "data.global_batch=1000 is invalid: expected a multiple of micro_batch(64) x workers(8)"),
+    (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 is invalid"),
+    (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number"),
+    (["scaling.num_workers=two"], "scaling.num_workers='two' is invalid: expected an integer"),
+    (["optim"], "override 'optim' is invalid: expected section.field=value"),
+    (["engine.offload_params=cpu", "engine.zero_stage=2"], "engine.zero_stage (with offload_params)=2"),
+])
+def test_bad_values_give_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_is_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen():
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_flat_params_hold_only_plain_values():
+    flat = flatten(to_dict(Config()))
+    assert flat["optim.lr"] == 5e-4 and flat["data.mean"] == [0.485, 0.456, 0.406]
+    assert all(isinstance(v, (str, int, float, bool, list, dict, type(None))) for v in flat.values())
+
+
+def test_apply_overrides_does_not_mutate_input():
+    data = {"optim": {"lr": 1.0}}
+    assert apply_overrides(data, ["optim.lr=2"])["optim"]["lr"] == 2
+    assert data["optim"]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_job_configs_load(path):
+    load_config(path)

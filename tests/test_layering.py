@@ -1,0 +1,61 @@
+"""The package's data flow runs one way (STYLE.md): a module imports only from layers to its left."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "t2t_dist"
+LAYERS = ["config", "data", "models", "optim", "engine", "checkpoint", "loop", "tracking",
+          "launch", "cli"]
+LEAVES = {"dist", "storage", "__init__"}  # importable from anywhere; they import only config
+FORBIDDEN_IN_MODELS = ("deepspeed", "ray", "mlflow", "boto3", "botocore")
+
+
+def _room(module: str) -> str:
+    """t2t_dist.data.loader -> data; t2t_dist.worker -> launch (a launch-side helper)."""
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else "__init__"
+    return {"worker": "launch"}.get(name, name)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_left(path):
+    module = "t2t_dist." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    room = _room(module)
+    if room == "__init__":
+        return
+    for name in _imports(path):
+        if not name.startswith("t2t_dist."):
+            continue
+        target = _room(name)
+        if target == room:
+            continue
+        if room in LEAVES:
+            assert target == "config", f"leaf {module} imports {name}: leaves import only config"
+            continue
+        if target in LEAVES:
+            continue
+        assert room in LAYERS, f"{module}: room {room!r} is not in the layer list {LAYERS}"
+        assert LAYERS.index(target) < LAYERS.index(room), (
+            f"{module} ({room}) imports {name} ({target}): imports must flow left along {LAYERS}")
+
+
+def test_model_code_is_single_device_pytorch():
+    for path in (PACKAGE / "models").rglob("*.py"):
+        for name in _imports(path):
+            assert not name.split(".")[0] in FORBIDDEN_IN_MODELS, f"{path.name} imports {name}"
