@@ -16,7 +16,9 @@ class DataConfig:
     eval_batch: int = 128  # per worker
     loader_workers: int = 4  # DataLoader processes per training worker
     seed: int = 0
-    max_bad_fraction: float = 0.01  # skipped (corrupt, unlabeled) samples tolerated per epoch
+    max_bad_fraction: float = 0.01  # skipped (corrupt, truncated, missing, unlabeled) per rank-epoch
+    shard_interleave: int = 4  # shards merged at random per group of the epoch order (mixing)
+    io_retries: int = 8  # attempts per S3 request / dropped stream, exponential backoff
     # CPU-side crop
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -40,6 +42,8 @@ class DataConfig:
         for name in ("global_batch", "eval_batch"):
             check_positive(f"data.{name}", getattr(self, name))
         check_range("data.loader_workers", self.loader_workers, 0)
+        check_positive("data.shard_interleave", self.shard_interleave)
+        check_range("data.io_retries", self.io_retries, 0)
         check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for name in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob"):
             check_range(f"data.{name}", getattr(self, name), 0.0, 1.0)

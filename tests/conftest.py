@@ -1,0 +1,150 @@
+"""Shared test fixtures: a real S3-compatible server (moto's server mode) on 127.0.0.1 over HTTP.
+
+    def test_upload(s3_bucket):          # "s3://<fresh bucket>", AWS_* set for boto3
+        store = open_store(s3_bucket + "/prefix")
+
+    def test_outage(s3_server):          # the session's server, which a test may restart
+        s3_server.stop(); ...; s3_server.start()   # same port; moto keeps its state in-process
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+
+# The server runs in its own process, so DataLoader workers forked from the test process do
+# not inherit its listening socket (which would keep the port bound across a restart).
+# SIGUSR1 closes the listening socket (clients get "connection refused"), SIGUSR2 opens it
+# again on the same port; moto's state lives in that process, so buckets survive.
+_SERVER_SCRIPT = r"""
+import signal, sys, threading
+from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
+                                           create_backend_app)
+from werkzeug.serving import make_server
+port, app, state = int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), {}
+def start(*_):
+    state["server"] = make_server("127.0.0.1", port, app, threaded=True,
+                                  request_handler=MotoRequestHandler)
+    state["thread"] = threading.Thread(target=state["server"].serve_forever, daemon=True)
+    state["thread"].start()
+    print("ready", flush=True)
+def stop(*_):
+    state["server"].shutdown()
+    state["server"].server_close()
+    state["thread"].join()
+    print("stopped", flush=True)
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGUSR2, start)
+start()
+while True:
+    signal.pause()
+"""
+
+
+class S3Server:
+    """moto's S3 app in a subprocess we control: ``stop()``/``start()`` keep port and data."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(self.port)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        line = self._process.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"moto server said {line!r}, expected {word!r}")
+
+    def stop(self) -> None:
+        """Close the listening socket: new connections are refused until ``start()``."""
+        self._process.send_signal(signal.SIGUSR1)
+        self._expect("stopped")
+
+    def start(self) -> None:
+        self._process.send_signal(signal.SIGUSR2)
+        self._expect("ready")
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session; AWS_* point boto3 at it."""
+    pytest.importorskip("moto.server")
+    server = S3Server()
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    yield server
+    server.close()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's server: ``s3://<name>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def _write_image_tree(root, num_samples: int, *, side: int = 24, classes: int | None = None):
+    """An ImageFolder tree of small JPEGs; with ``classes=None`` every sample is its own class,
+    so a label names the sample (how the loader tests check exactly-once)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(num_samples):
+        label = index if classes is None else index % classes
+        folder = root / f"c{label:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (side, side + 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """``image_tree(num_samples, side=24, classes=None)`` -> path of a fresh ImageFolder tree."""
+    counter = iter(range(1000))
+    return lambda num_samples, **kw: _write_image_tree(tmp_path / f"tree{next(counter)}",
+                                                       num_samples, **kw)
+
+
+def overwrite_member(data: bytes, member: str, payload_fn) -> bytes:
+    """Tar bytes with one member's payload replaced by ``payload_fn(old)`` of the same length
+    (so the manifest's offsets stay right): how tests make corrupt or unlabeled samples."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        info = tar.getmember(member)
+        old = data[info.offset_data:info.offset_data + info.size]
+    new = payload_fn(old)
+    assert len(new) == len(old)
+    return data[:info.offset_data] + new + data[info.offset_data + info.size:]
+
+
+@pytest.fixture
+def patch_member():
+    return overwrite_member
