@@ -16,19 +16,19 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _shards_write(args: argparse.Namespace) -> None:
-    from t2t_dist.data import write_shards
+    from t2t_dist.data import manifest_pattern, write_shards
 
     manifest = write_shards(args.src, args.dest, prefix=args.prefix,
                             samples_per_shard=args.samples_per_shard, max_side=args.max_side,
                             processes=args.processes, shuffle_seed=args.seed)
     print(f"wrote {manifest['num_samples']} samples of {len(manifest['classes'])} classes "
-          f"in {len(manifest['shards'])} shards to {args.dest}")
+          f"in {len(manifest['shards'])} shards: {manifest_pattern(args.dest, manifest)}")
 
 
 def _shards_check(args: argparse.Namespace) -> None:
     from t2t_dist.data import check_shards
 
-    report = check_shards(args.urls)
+    report = check_shards(args.urls, write_manifest=args.write_manifest)
     print(report)
     if not report.ok:
         sys.exit(1)
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     write.set_defaults(func=_shards_write)
     check = shard_commands.add_parser("check", help="read shards back and report")
     check.add_argument("urls", help="e.g. s3://bucket/train/imagenet1k-train-{0000..1023}.tar")
+    check.add_argument("--write-manifest", action="store_true",
+                       help="write the manifest readers need (for shards made by other tools)")
     check.set_defaults(func=_shards_check)
     digits = shard_commands.add_parser("digits", help="scikit-learn digits as demo shards")
     digits.add_argument("dest", help="local folder or s3://bucket/prefix")
