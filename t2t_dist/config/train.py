@@ -76,6 +76,7 @@ class RunConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "t2t-dist"
     log_model: bool = True  # log consolidated fp32 weights as an MLflow model at the end
+    seed: int = 0  # model init and dropout; the data order has data.seed
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -95,6 +96,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # used when use_gpu
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     placement_strategy: str = "PACK"
+    # "" = $RAY_ADDRESS, else a cluster `ray start`ed on this machine, else a new local Ray;
+    # "local" = always a new local Ray; or host:port / ray://host:10001 of a cluster.
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         check_positive("scaling.num_workers", self.num_workers)

@@ -1,0 +1,168 @@
+"""DeepSpeed around a plain model: the config dict (a pure function) and engine construction.
+
+    ds_config = deepspeed_config(config.engine, config.optim, global_batch=512, world_size=8,
+                                 device_type="cuda")
+    engine = build_engine(model, config, world_size=8, device=torch.device("cuda", 0))
+
+The optimizer is always a client ``torch.optim.AdamW`` with our no-decay groups, so no
+DeepSpeed op (FusedAdam, CPUAdam) is ever compiled; the LR is set per step by the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from t2t_dist.config import Config, ConfigError, EngineConfig, OptimConfig
+from t2t_dist.optim import param_groups
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_split(global_batch: int, world_size: int, micro_batch: int = 0) -> tuple[int, int]:
+    """``(micro_batch, grad_accum_steps)`` with ``micro * accum * world == global_batch``.
+
+    ``micro_batch=0`` means one forward per step: ``global_batch / world_size`` per worker.
+    """
+    micro = micro_batch or global_batch // world_size
+    if micro <= 0 or global_batch % (micro * world_size):
+        raise ConfigError(f"data.global_batch={global_batch} is invalid: expected a multiple of "
+                          f"micro_batch({micro}) x workers({world_size})")
+    return micro, global_batch // (micro * world_size)
+
+
+def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: int,
+                     world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed config dict for our engine + optim configs on ``world_size`` workers.
+
+    ``device_type`` is "cpu" or "cuda"; fp16 is refused on CPU (no CPU fp16 kernels).
+    """
+    if engine.precision == "fp16" and device_type == "cpu":
+        raise ConfigError("engine.precision='fp16' is invalid on CPU: expected 'bf16' or 'fp32'")
+    micro, accum = batch_split(global_batch, world_size, engine.micro_batch)
+    zero: dict = {"stage": engine.zero_stage}
+    if engine.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=device_type != "cpu",
+                    reduce_scatter=True)
+    if engine.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": engine.offload_optimizer,
+                                     "pin_memory": device_type != "cpu"}
+    if engine.offload_params != "none":
+        zero["offload_param"] = {"device": engine.offload_params,
+                                 "pin_memory": device_type != "cpu"}
+    if engine.zero_stage == 3:
+        # Gather the full 16-bit weights when saving, so the consolidated model needs no
+        # second pass; prefetch and persistence thresholds stay at DeepSpeed's defaults.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1},
+        # A client torch AdamW is ours by design; with offload DeepSpeed would otherwise
+        # insist on building its CPUAdam extension.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # our loop prints progress
+        "wall_clock_breakdown": False,
+    }
+    return config
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the recipe's no-decay groups."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                             betas=tuple(optim.betas), eps=optim.eps, foreach=False)
+
+
+def _venv_ninja_first() -> None:
+    """Put this interpreter's bin folder (the ``ninja`` dependency) first on PATH.
+
+    DeepSpeed JIT-builds ops (on CPU its shared-memory allreduce) with whatever ``ninja``
+    PATH finds: none in an unactivated venv, or a system ninja of another version whose
+    build log makes every switch between the two rebuild the op (a minute on 2 cores).
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(venv_bin) / "ninja").exists() and not path.startswith(venv_bin + os.pathsep):
+        os.environ["PATH"] = venv_bin + os.pathsep + path
+
+
+def build_engine(model: nn.Module, config: Config, *, world_size: int, device: torch.device):
+    """Wrap ``model`` in a DeepSpeed engine; the process group must already exist.
+
+    Returns the ``deepspeed.DeepSpeedEngine``; its ``optimizer.param_groups`` take the LR.
+    """
+    _venv_ninja_first()
+    import deepspeed  # heavy import, and it reads DS_ACCELERATOR at import time
+
+    ds_config = deepspeed_config(config.engine, config.optim, global_batch=config.data.global_batch,
+                                 world_size=world_size, device_type=device.type)
+    model = model.to(device)
+    optimizer = build_optimizer(model, config.optim)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                      dist_init_required=False)
+    return engine
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype the engine's module computes in (images are cast to it)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the LR of every parameter group for the next optimizer step."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+@contextlib.contextmanager
+def full_named_tensors(engine) -> Iterator[dict[str, torch.Tensor]]:
+    """The module's full state (params + buffers) by name; ZeRO-3 partitions gathered.
+
+    Every rank must enter this together under ZeRO-3 (the gather is a collective).
+    """
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield {name: tensor for name, tensor in module.state_dict().items()}
+    else:
+        yield module.state_dict()
+
+
+def consolidated_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on CPU for export (not ZeRO shards); a collective on every rank.
+
+    Trainable tensors come from the optimizer's fp32 master copy (the module itself may be
+    bf16 or partitioned); frozen tensors and buffers from the module.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)  # None when the module is the master
+            if master is not None:
+                full[name] = master.detach().float().cpu().clone()
+    with full_named_tensors(engine) as tensors:
+        for name, tensor in tensors.items():
+            if name not in full:
+                tensor = tensor.detach().cpu().clone()
+                full[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return full

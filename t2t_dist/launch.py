@@ -1,0 +1,210 @@
+"""Driver side: check the run, connect to Ray (or start one), build the TorchTrainer, fit.
+
+    config = prepare(load_config(...))     # absolute paths, tracking URI; nothing started yet
+    preflight(config)                      # bad model/shards/credentials fail here, in one line
+    result = launch(config)                # Ray Train V2 TorchTrainer.fit()
+
+Runs the same under ``python jobs/pretrain.py`` (a local Ray when no cluster is there) and
+under ``ray job submit`` (``RAY_ADDRESS`` points at the cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from t2t_dist.config import Config, ConfigError, save_config, to_dict
+from t2t_dist.tracking import resolve_tracking_uri
+
+# DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
+WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu"}
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def absolute_path(path: str, cwd: Path) -> str:
+    """``path`` made absolute against ``cwd``; URLs (s3://, file://) stay as they are."""
+    if not path or is_remote(path):
+        return path
+    return os.path.normpath(cwd / Path(path).expanduser())
+
+
+def absolute_urls(pattern: str, cwd: Path) -> str:
+    """Each local part of a shard pattern (parts split by whitespace or ``::``) made absolute."""
+    parts = re.split(r"(\s+|::)", pattern)  # odd items are the separators
+    return "".join(part if i % 2 else absolute_path(part, cwd) for i, part in enumerate(parts))
+
+
+def prepare(config: Config, cwd: str | Path | None = None) -> Config:
+    """Resolve what depends on where the driver runs: paths, shard URLs, tracking URI.
+
+    Workers may run elsewhere (another node, another working directory), so relative
+    paths become absolute here, once.
+    """
+    cwd = Path(cwd or os.getcwd()).resolve()
+    run = dataclasses.replace(config.run, storage_path=absolute_path(config.run.storage_path, cwd),
+                              tracking_uri=resolve_tracking_uri(config.run.tracking_uri, cwd))
+    model = dataclasses.replace(config.model,
+                                pretrained=absolute_path(config.model.pretrained or "", cwd) or None)
+    data = dataclasses.replace(config.data, train_urls=absolute_urls(config.data.train_urls, cwd),
+                               val_urls=absolute_urls(config.data.val_urls, cwd))
+    return dataclasses.replace(config, model=model, run=run, data=data)
+
+
+def check_shards_resolve(field: str, pattern: str):
+    """Every shard of ``pattern`` is in its manifest and exists; returns the ``ShardTable``.
+
+    Reads manifests and one listing per shard folder, never a shard. Missing files, a bad
+    pattern and unreadable S3 (credentials, endpoint) all become one-line ConfigErrors.
+    """
+    from t2t_dist.data import load_shard_table
+    from t2t_dist.storage import split_url
+
+    if not pattern:
+        raise ConfigError(f"data.{field} is empty: expected shard URLs such as "
+                          f"s3://bucket/train/name-{{0000..1023}}.tar or a local pattern "
+                          f"(`make demo` writes demo_data/)")
+    try:
+        table = load_shard_table(pattern)
+        listings: dict[str, set[str]] = {}
+        for url in table.urls:
+            folder, _, name = url.rpartition("/")
+            if folder not in listings:
+                store, _ = split_url(url)
+                listings[folder] = set(store.list())
+            if name not in listings[folder]:
+                raise FileNotFoundError(f"shard {url} does not exist")
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"data.{field}={pattern!r} is invalid: {error}") from None
+    except Exception as error:  # botocore: no credentials, endpoint unreachable, access denied
+        raise ConfigError(f"data.{field}={pattern!r} cannot be read: {type(error).__name__}: "
+                          f"{error} (check AWS credentials and AWS_ENDPOINT_URL)") from None
+    return table
+
+
+def preflight(config: Config) -> None:
+    """Fail in one line, before any cluster resources are taken, on what would fail later."""
+    from t2t_dist.models import list_models
+
+    names = list_models()
+    if config.model.name not in names:
+        raise ConfigError(f"model.name={config.model.name!r} is invalid: expected one of "
+                          f"{', '.join(names)}")
+    pretrained = config.model.pretrained
+    if pretrained and not is_remote(pretrained) and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r} is invalid: expected an existing "
+                          f"checkpoint file (released .pth.tar or our exported weights)")
+    train = check_shards_resolve("train_urls", config.data.train_urls)
+    check_shards_resolve("val_urls", config.data.val_urls)
+    if train.num_samples < config.data.global_batch:
+        raise ConfigError(f"data.global_batch={config.data.global_batch} is invalid: the "
+                          f"training shards hold only {train.num_samples} samples")
+    if len(train.classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: expected "
+                          f"{len(train.classes)}, the classes of the training shards")
+    if config.engine.precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError("engine.precision='fp16' is invalid on CPU workers: expected 'bf16' or "
+                          "'fp32' (or scaling.use_gpu=true)")
+
+
+def submission_id() -> str:
+    """The ``ray job submit`` id when this driver runs as a submitted job, else ""."""
+    try:  # the job supervisor hands the driver its JobConfig, metadata included, as JSON
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+    except ValueError:
+        return ""
+    return str(job_config.get("metadata", {}).get("job_submission_id", ""))
+
+
+def run_tags(config: Config) -> dict[str, str]:
+    """MLflow tags known to the driver: git commit, Ray job id, checkpoint location."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"git_commit": commit or "unknown",
+            "ray_job_id": context.get_job_id(),
+            "ray_submission_id": submission_id() or "none",
+            "checkpoint_location": f"{config.run.storage_path.rstrip('/')}/{config.run.name}",
+            "model": config.model.name}
+
+
+def connect(config: Config) -> None:
+    """Connect to the cluster (``RAY_ADDRESS`` / ``scaling.ray_address``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=config.scaling.ray_address or None, logging_level="WARNING")
+
+
+def build_trainer(config: Config, tags: dict[str, str]):
+    """The Ray Train V2 TorchTrainer for ``config``: scaling, storage, failures, checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from t2t_dist.worker import train_worker
+
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    env_vars = {} if scaling.use_gpu else dict(WORKER_ENV_CPU)
+    env_vars["OMP_NUM_THREADS"] = str(max(1, int(scaling.cpus_per_worker)))
+    run_config = ray.train.RunConfig(
+        name=config.run.name,
+        storage_path=config.run.storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        worker_runtime_env={"env_vars": env_vars},
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(config), "tags": tags},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
+        run_config=run_config,
+    )
+
+
+def save_resolved_config(config: Config) -> str:
+    """Write the resolved config next to the run's checkpoints (local storage only)."""
+    if is_remote(config.run.storage_path):
+        return ""
+    run_dir = Path(config.run.storage_path) / config.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "t2t_config.yaml"
+    save_config(config, path)
+    return str(path)
+
+
+def launch(config: Config):
+    """Connect, build the trainer and train; returns Ray Train's ``Result``."""
+    connect(config)
+    save_resolved_config(config)
+    trainer = build_trainer(config, run_tags(config))
+    return trainer.fit()
+
+
+def summary(config: Config, result: Any) -> str:
+    """The closing lines: the last validation numbers and how to open MLflow."""
+    metrics = result.metrics or {}
+    parts = [f"{key} {metrics[key]:.2f}" for key in ("val/top1", "val/top5", "val_ema/top1")
+             if key in metrics]
+    uri = config.run.tracking_uri
+    return (f"finished {config.run.name}: step {metrics.get('step', '?')}, "
+            f"{', '.join(parts) or 'no validation metrics'}\n"
+            f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}\n"
+            f"MLflow: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")

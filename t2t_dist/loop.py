@@ -1,0 +1,234 @@
+"""The training loop: ``train_step``, ``evaluate`` and ``fit``, which reads top to bottom.
+
+``fit`` calls checkpointing, evaluation and logging explicitly. It gets everything built
+(engine, loaders, EMA, a tracker with ``log``/``close``) plus one plain function from the
+launcher, ``publish``, which hands a finished checkpoint folder to Ray Train; it imports
+neither tracking nor launch (nor ray).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2t_dist import dist
+from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.config import Config, DataConfig
+from t2t_dist.data import normalize
+from t2t_dist.engine import engine_dtype, full_named_tensors, set_lr
+from t2t_dist.optim import LRSchedule, WeightEma
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))``; both (B, C)."""
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def train_step(engine, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+               augment: nn.Module, lr: float, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); the mean loss.
+
+    Images arrive as uint8 (B, 3, H, W) on the CPU; ``augment`` turns them into float images
+    and soft targets (B, C) on ``device``. DeepSpeed steps the optimizer on the last micro batch.
+    """
+    set_lr(engine, lr)
+    total = torch.zeros((), device=device)
+    for images, labels in micro_batches:
+        images, targets = augment(images.to(device, non_blocking=True),
+                                  labels.to(device, non_blocking=True))
+        logits = engine(images.to(dtype))
+        loss = soft_target_cross_entropy(logits.float(), targets)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach()
+    return total / len(micro_batches)
+
+
+@torch.no_grad()
+@torch.random.fork_rng(devices=[])  # evaluation never shifts the training RNG stream
+def evaluate(model: nn.Module, loader, *, data: DataConfig, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the whole validation set, summed over ranks.
+
+    Padding samples (label -1, which keep ranks at equal batch counts) are left out.
+    Every rank must call this: ZeRO-3 gathers parameters in the forward.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    for images, labels in loader:
+        logits = model(normalize(images.to(device), data).to(dtype)).float()  # (B, C)
+        labels = labels.to(device)
+        keep = labels >= 0
+        logits, labels = logits[keep], labels[keep]
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             top[:, 0].sum().double(), top.any(dim=-1).sum().double(),
+                             torch.tensor(float(labels.numel()), device=device, dtype=torch.float64)])
+    dist.all_reduce_sum(sums)
+    model.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+
+
+@dataclass
+class Meter:
+    """Loss and throughput since the last log line, and since the start for the ETA."""
+
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    window_started: float = field(default_factory=time.perf_counter)
+    loss_sum: Any = 0.0
+    steps: int = 0
+    images: int = 0
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum = self.loss_sum + loss  # stays a tensor: no host sync per step
+        self.steps += 1
+        self.images += images
+
+    def flush(self, step: int, total_steps: int, device: torch.device) -> dict[str, float]:
+        """Window means over ranks: loss, images/s per worker and in total, ETA (s)."""
+        elapsed = time.perf_counter() - self.window_started
+        sums = torch.tensor([float(self.loss_sum), float(self.steps), self.images / elapsed],
+                            dtype=torch.float64, device=device)
+        dist.all_reduce_sum(sums)  # loss and rates summed over ranks
+        loss_sum, steps, images_per_s = sums.tolist()
+        world = dist.world_size()
+        per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+        self.loss_sum, self.steps, self.images = 0.0, 0, 0
+        self.window_started = time.perf_counter()
+        return {"train/loss": loss_sum / max(steps, 1), "train/images_per_s": images_per_s,
+                "train/images_per_s_per_worker": images_per_s / world,
+                "eta_s": per_step * (total_steps - step)}
+
+
+def skipped_counts(loader, device: torch.device) -> dict[str, float]:
+    """This epoch's bad-sample counts by kind, summed over ranks (same kinds on every rank)."""
+    skipped = loader.skipped()
+    counts = torch.tensor([float(v) for v in skipped.values()], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)
+    return {f"data/skipped_{kind}": value for kind, value in zip(skipped, counts.tolist())}
+
+
+def format_progress(step: int, total_steps: int, epoch: int, lr: float,
+                    metrics: dict[str, float]) -> str:
+    """One compact progress line, e.g. ``step 120/3100 ep 2 loss 1.234 lr 1.2e-04 ...``."""
+    eta = int(metrics.get("eta_s", 0))
+    return (f"step {step}/{total_steps} | epoch {epoch} | loss {metrics['train/loss']:.4f} | "
+            f"lr {lr:.2e} | {metrics['train/images_per_s']:.0f} img/s "
+            f"({metrics['train/images_per_s_per_worker']:.0f}/worker) | "
+            f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
+
+
+def _say(line: str) -> None:
+    """Rank 0 prints. Written to stdout directly: Ray Train patches ``print`` to tee into its
+    logger as well, which shows every line twice on the driver."""
+    if dist.is_main():
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def next_micro_batches(batches: Iterator, count: int) -> list:
+    """The next ``count`` batches, leaving the global RNG untouched.
+
+    Starting a DataLoader iterator draws its base seed from the global torch RNG (our
+    loaders seed crops themselves); without the fork a resumed run, which starts its
+    iterator mid-epoch, would draw augmentations and dropout from a shifted stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return [next(batches) for _ in range(count)]
+
+
+def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
+        schedule: LRSchedule, checkpointer: Checkpointer, tracker: Tracker,
+        publish: Callable[[dict[str, float], Path, int], None], device: torch.device,
+        ema: WeightEma | None = None, ema_model: nn.Module | None = None,
+        resume: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics.
+
+    ``resume`` is the client state ``Checkpointer.load`` returned (step, epoch).
+    ``publish(metrics, directory, step)`` hands every rank's checkpoint directory to
+    Ray Train (a barrier across ranks); the directory is deleted afterwards.
+    """
+    run = config.run
+    accum = engine.gradient_accumulation_steps()
+    micro_batch = engine.train_micro_batch_size_per_gpu()
+    steps_per_epoch = len(train_loader) // accum
+    total_steps = min(schedule.total_steps, run.max_steps or schedule.total_steps)
+    dtype = engine_dtype(engine)
+    step = resume["step"] if resume else 0
+    metrics: dict[str, float] = {}
+
+    def run_eval() -> dict[str, float]:
+        result = {f"val/{k}": v for k, v in evaluate(engine, val_loader, data=config.data,
+                                                     device=device, dtype=dtype).items()}
+        if ema is not None and ema_model is not None:
+            ema_model.load_state_dict(ema.shadow)
+            result.update({f"val_ema/{k}": v for k, v in evaluate(
+                ema_model, val_loader, data=config.data, device=device).items()})
+        _say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def save_checkpoint(step: int, epoch: int, extra_metrics: dict[str, float]) -> None:
+        directory = Path(tempfile.mkdtemp(prefix=f"t2t-ckpt-{step:08d}-"))
+        try:
+            checkpointer.save(directory, step=step, epoch=epoch)
+            publish({"step": step, "epoch": epoch, **extra_metrics}, directory, step)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    _say(f"training {config.model.name} for {total_steps} steps ({steps_per_epoch} per epoch) on "
+         f"{dist.world_size()} workers: micro batch {micro_batch} x accumulation {accum} x "
+         f"workers {dist.world_size()} = global batch {config.data.global_batch}"
+         + (f", resumed at step {step}" if resume else ""))
+    meter = Meter(start_step=step)
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        train_loader.set_epoch(epoch)  # keeps the position when resuming inside this epoch
+        batches = iter(train_loader)
+        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        while step < epoch_end:
+            lr = schedule(step)
+            loss = train_step(engine, next_micro_batches(batches, accum), augment=augment, lr=lr,
+                              device=device, dtype=dtype)
+            step += 1
+            meter.add(loss, micro_batch * accum)
+            if ema is not None:
+                with full_named_tensors(engine) as tensors:
+                    ema.update(tensors)
+            if step % run.log_every == 0 or step == total_steps:
+                metrics = meter.flush(step, total_steps, device) | {"train/lr": lr, "epoch": epoch}
+                if not math.isfinite(metrics["train/loss"]):
+                    raise FloatingPointError(f"training loss is {metrics['train/loss']} at step "
+                                             f"{step}: lower optim.lr or use engine.precision=fp32")
+                metrics.update(skipped_counts(train_loader, device))
+                _say(format_progress(step, total_steps, epoch, lr, metrics))
+                tracker.log(metrics, step)
+            # Epoch ends and the last step (run.max_steps may stop mid-epoch) always get both.
+            boundary = step % steps_per_epoch == 0 or step == total_steps
+            if boundary or (run.eval_every and step % run.eval_every == 0):
+                result = run_eval()
+                tracker.log(result, step)
+                metrics.update(result)
+            if boundary or (run.checkpoint_every and step % run.checkpoint_every == 0):
+                save_checkpoint(step, step // steps_per_epoch, metrics)
+        del batches
+    return metrics
