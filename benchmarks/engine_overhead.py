@@ -99,7 +99,7 @@ def engine_step_time(args) -> float:
     from t2t_dist.config import to_dict
 
     config = load_config(overrides=[
-        f"model.name={args.model}", f"model.img_size={args.img_size}",
+        f"model.name={args.model}", f"model.img_size={args.img_size}", "model.compile=false",
         f"data.global_batch={args.batch * args.workers}", f"scaling.num_workers={args.workers}",
         f"engine.zero_stage={args.zero_stage}", f"engine.precision={args.precision}"])
     env = {} if args.use_gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -112,6 +112,8 @@ def build_engine(model: nn.Module, config: Config, *, world_size: int, device: t
     optimizer = build_optimizer(model, config.optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       dist_init_required=False)
+    if config.model.compile:
+        engine.compile()  # compiles the wrapped module in place; DeepSpeed keeps its hooks
     return engine
 
 

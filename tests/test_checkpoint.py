@@ -47,7 +47,7 @@ def process_group():
 def build(digits, seed, stage=2):
     config = load_config(overrides=[
         f"data.train_urls={digits['train']}", f"data.val_urls={digits['val']}",
-        "model.name=t2t_vit_tiny", "model.img_size=32", "data.global_batch=8",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32", "data.global_batch=8",
         "data.loader_workers=0", "engine.precision=fp32", f"engine.zero_stage={stage}",
         "optim.grad_clip=1.0"])
     torch.manual_seed(seed)

@@ -22,7 +22,7 @@ def test_submitted_job_runs_to_completion(ray_cluster, digits_shards, tmp_path):
     # The job's driver runs in a directory of Ray's choosing: the config holds absolute paths.
     config = prepare(load_config(overrides=[
         f"data.train_urls={digits_shards['train']}", f"data.val_urls={digits_shards['val']}",
-        "model.name=t2t_vit_tiny", "model.img_size=32", "model.num_classes=10",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32", "model.num_classes=10",
         "data.global_batch=16",
         "data.eval_batch=100", "data.loader_workers=0", "optim.epochs=1",
         "optim.warmup_epochs=0", "optim.cooldown_epochs=0", "optim.ema_decay=0",

@@ -28,7 +28,7 @@ def tiny_config(digits, tmp_path, name, *extra):
     """The test recipe: every augmentation on, EMA on, 2 workers, 16 images per step."""
     return prepare(load_config(overrides=[
         f"data.train_urls={digits['train']}", f"data.val_urls={digits['val']}",
-        "model.name=t2t_vit_tiny", "model.img_size=32", "model.num_classes=10",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32", "model.num_classes=10",
         "data.global_batch=16", "data.eval_batch=100", "data.loader_workers=0",
         "optim.lr=1e-3", "optim.reference_batch=16", "optim.epochs=2", "optim.warmup_epochs=0.1",
         "optim.cooldown_epochs=0", "optim.ema_decay=0.9", "optim.grad_clip=1.0",

@@ -16,7 +16,7 @@ class ModelConfig:
     num_classes: int = 1000
     drop_path_rate: float = 0.1
     attention: str = "sdpa"  # "eager" is the reference math, for parity checks
-    compile: bool = False  # torch.compile the model in each worker
+    compile: bool = True  # torch.compile the model in each worker (the fast path)
     pretrained: str | None = None  # path/URL of released weights to start from
 
     def __post_init__(self) -> None:
