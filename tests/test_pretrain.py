@@ -94,6 +94,7 @@ def test_bad_input_fails_in_one_line_before_ray(argv, message, tmp_path, capsys,
 
 
 def test_unreadable_s3_shards_fail_in_preflight(digits_shards, tmp_path, monkeypatch):
+    from t2t_dist import storage
     from t2t_dist.config import ConfigError
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -102,6 +103,7 @@ def test_unreadable_s3_shards_fail_in_preflight(digits_shards, tmp_path, monkeyp
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(storage, "_SESSION", None)  # forget credentials an earlier test resolved
     config = tiny_config(digits_shards, tmp_path, "s3",
                          "data.train_urls=s3://no-bucket/train/digits-train-{0000..0001}.tar")
     with pytest.raises(ConfigError, match=r"data.train_urls='s3://no-bucket/.*' cannot be read: "
