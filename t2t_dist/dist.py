@@ -24,18 +24,9 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def is_main() -> bool:
     """Rank 0: the one process that writes MLflow records and other side effects."""
     return rank() == 0
-
-
-def barrier() -> None:
-    if _initialized():
-        torch_dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,12 +34,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _initialized():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not _initialized():
-        return obj
-    holder = [obj]
-    torch_dist.broadcast_object_list(holder, src=src)
-    return holder[0]

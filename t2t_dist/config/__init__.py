@@ -7,7 +7,6 @@ Precedence: dataclass defaults < YAML file < ``--model`` < ``--set a.b=c`` overr
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,7 +85,3 @@ def save_config(config: Config, path: str | Path) -> None:
     """Write the fully resolved config; ``load_config`` reads it back to an equal Config."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
-
-def replace(config: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that re-runs validation (a frozen config is never mutated)."""
-    return dataclasses.replace(config, **changes)
