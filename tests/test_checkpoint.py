@@ -32,16 +32,12 @@ def process_group():
         port = sock.getsockname()[1]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch_dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch_dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        torch_dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        torch_dist.destroy_process_group()
 
 
 def build(digits, seed, stage=2):
