@@ -187,8 +187,8 @@ def main() -> None:
     engine = engine_step_time(args)
     print(f"\nper-worker batch {args.batch}, {args.model} at {args.img_size} px, {args.precision}, "
           f"{args.steps} timed steps, device {device.type}")
-    print(f"| loop | ms/step | images/s per worker | vs plain |")
-    print(f"|---|---|---|---|")
+    print("| loop | ms/step | images/s per worker | vs plain |")
+    print("|---|---|---|---|")
     print(f"| plain PyTorch, 1 process | {plain * 1e3:.1f} | {args.batch / plain:.0f} | 1.00x |")
     print(f"| Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.workers} workers | "
           f"{engine * 1e3:.1f} | {args.batch / engine:.0f} | {engine / plain:.2f}x |")

@@ -125,7 +125,6 @@ def main() -> None:
 
     from t2t_dist.config import DataConfig
     from t2t_dist.data import make_digits_dataset, manifest_pattern, write_shards
-    from t2t_dist.storage import open_store
 
     server, endpoint = start_s3_server()
     try:

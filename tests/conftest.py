@@ -1,4 +1,5 @@
-"""Shared test fixtures: a real S3-compatible server (moto's server mode) on 127.0.0.1 over HTTP.
+"""Shared test fixtures: a real S3-compatible server (moto's server mode) on 127.0.0.1 over HTTP,
+and (from ray_cluster.py) a `ray start --head` cluster and the digits demo shards.
 
     def test_upload(s3_bucket):          # "s3://<fresh bucket>", AWS_* set for boto3
         store = open_store(s3_bucket + "/prefix")
@@ -17,6 +18,7 @@ import uuid
 
 import pytest
 
+from ray_cluster import digits_shards, ray_cluster  # noqa: F401  (fixtures for every test module)
 
 # The server runs in its own process, so DataLoader workers forked from the test process do
 # not inherit its listening socket (which would keep the port bound across a restart).

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from ray_cluster import digits_shards  # noqa: F401  (fixture)
+
 from t2t_dist.checkpoint import Checkpointer, client_path
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ray_cluster import VENV_BIN, digits_shards, ray_cluster  # noqa: F401  (fixtures)
+from ray_cluster import VENV_BIN
 from t2t_dist.config import load_config, save_config
 from t2t_dist.launch import prepare
 from t2t_dist.tracking import RUN_NAME_TAG

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ray_cluster import DRIVER_ENV, digits_shards, ray_cluster  # noqa: F401  (fixtures)
+from ray_cluster import DRIVER_ENV
 from t2t_dist.config import load_config
 from t2t_dist.launch import launch, prepare, preflight
 from t2t_dist.tracking import RUN_NAME_TAG
