@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation included)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one step's time goes (torch.profiler), per configuration")
     return parser.parse_args(argv)
 
 
@@ -116,6 +118,31 @@ def main(argv=None) -> None:
         best = max(values)
         print(f"{attention:<10} {str(compiled):<9} {best:>10.1f} {statistics.median(values):>8.1f} "
               f"{best / base:>8.2f}x")
+    if args.profile:
+        for (attention, compiled), trainer in trainers.items():
+            print(f"\n{attention} compiled={compiled}: {profile_shares(trainer)}")
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+
+
+def profile_shares(trainer: Trainer) -> str:
+    """Share of one step's self CPU/CUDA time: matmuls, the AdamW update, everything else."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with record_function("forward_backward"):
+            trainer.step()
+        synchronize(trainer.device)
+    events = [e for e in prof.key_averages() if e.key != "forward_backward"]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    matmul = sum(e.self_cpu_time_total for e in events
+                 if e.key in MATMUL_OPS or "scaled_dot_product" in e.key)
+    # The optimizer's inclusive time: every op it runs, whatever its name.
+    optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
+    return (f"matmul/attention kernels {100 * matmul / total:.0f}%, AdamW update "
+            f"{100 * optimizer / total:.0f}%, everything else {100 * (total - matmul - optimizer) / total:.0f}%")
 
 
 if __name__ == "__main__":

@@ -122,12 +122,16 @@ class WeightEma:
     def update(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """``shadow = decay * shadow + (1 - decay) * tensor`` for every floating tensor."""
         items = tensors.items() if isinstance(tensors, Mapping) else tensors
+        shadows, sources = [], []
         for name, tensor in items:
             shadow = self.shadow[name]
             if shadow.is_floating_point():
-                shadow.lerp_(tensor.detach().to(self.device, torch.float32), 1.0 - self.decay)
+                shadows.append(shadow)
+                sources.append(tensor.detach().to(self.device, torch.float32))
             else:
                 shadow.copy_(tensor)
+        # One fused update per step instead of one kernel per tensor (this runs every step).
+        torch._foreach_lerp_(shadows, sources, 1.0 - self.decay)
         self.updates += 1
 
     def state_dict(self) -> dict:
