@@ -10,7 +10,7 @@ and (from ray_cluster.py) a `ray start --head` cluster and the digits demo shard
 
 from __future__ import annotations
 
-import signal
+import select
 import socket
 import subprocess
 import sys
@@ -22,31 +22,32 @@ from ray_cluster import digits_shards, ray_cluster  # noqa: F401  (fixtures for 
 
 # The server runs in its own process, so DataLoader workers forked from the test process do
 # not inherit its listening socket (which would keep the port bound across a restart).
-# SIGUSR1 closes the listening socket (clients get "connection refused"), SIGUSR2 opens it
-# again on the same port; moto's state lives in that process, so buckets survive.
+# It is driven by lines on its stdin, read by its main thread: "stop" closes the listening
+# socket (clients get "connection refused"), "start" opens it again on the same port; moto's
+# state lives in that process, so buckets survive. (Signals into this multi-threaded process
+# were sometimes never handled, which hung the restart test.)
 _SERVER_SCRIPT = r"""
-import signal, sys, threading
+import sys, threading
 from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
                                            create_backend_app)
 from werkzeug.serving import make_server
 port, app, state = int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), {}
-def start(*_):
+def start():
     state["server"] = make_server("127.0.0.1", port, app, threaded=True,
                                   request_handler=MotoRequestHandler)
     state["thread"] = threading.Thread(target=state["server"].serve_forever, daemon=True)
     state["thread"].start()
     print("ready", flush=True)
-def stop(*_):
+def stop():
     state["server"].shutdown()
     state["server"].server_close()
     state["thread"].join()
     print("stopped", flush=True)
-signal.signal(signal.SIGUSR1, stop)
-signal.signal(signal.SIGUSR2, start)
 start()
-while True:
-    signal.pause()
+for line in sys.stdin:  # EOF (the test process closed the pipe or died): exit
+    {"start": start, "stop": stop}[line.strip()]()
 """
+SERVER_DEADLINE_S = 30.0
 
 
 class S3Server:
@@ -58,26 +59,39 @@ class S3Server:
             self.port = probe.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(self.port)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self._expect("ready")
 
     def _expect(self, word: str) -> None:
+        """Wait (at most SERVER_DEADLINE_S) for the server's next line, which must be ``word``."""
+        ready, _, _ = select.select([self._process.stdout], [], [], SERVER_DEADLINE_S)
+        if not ready:
+            raise RuntimeError(f"moto server did not say {word!r} within {SERVER_DEADLINE_S:.0f} s")
         line = self._process.stdout.readline().strip()
         if line != word:
-            raise RuntimeError(f"moto server said {line!r}, expected {word!r}")
+            raise RuntimeError(f"moto server said {line!r} (exit code {self._process.poll()}), "
+                               f"expected {word!r}")
+
+    def _command(self, word: str, reply: str) -> None:
+        self._process.stdin.write(word + "\n")
+        self._process.stdin.flush()
+        self._expect(reply)
 
     def stop(self) -> None:
         """Close the listening socket: new connections are refused until ``start()``."""
-        self._process.send_signal(signal.SIGUSR1)
-        self._expect("stopped")
+        self._command("stop", "stopped")
 
     def start(self) -> None:
-        self._process.send_signal(signal.SIGUSR2)
-        self._expect("ready")
+        self._command("start", "ready")
 
     def close(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=10)
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

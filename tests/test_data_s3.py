@@ -82,12 +82,16 @@ def test_s3_server_restart_mid_stream_is_survived(s3_shards, s3_server):
     config = _config(s3_shards)
     expected = [_run(config, rank, epoch=5)[1] for rank in range(2)]
 
+    restart = threading.Timer(2.0, s3_server.start)
+
     def outage():  # the server goes away after the first batch and comes back 2 s later
         s3_server.stop()
-        threading.Timer(2.0, s3_server.start).start()
+        restart.start()
 
     started = time.monotonic()
     loader, batches = _run(config, 0, epoch=5, during=outage)
+    restart.join(timeout=30)
+    assert not restart.is_alive(), "the S3 server did not come back within 30 s"
     assert time.monotonic() - started > 2.0  # the outage really was in the way
     assert batches == expected[0]
     assert sum(loader.skipped().values()) == 0
