@@ -1,4 +1,4 @@
-"""One checkpointer for everything that must survive a restart.
+"""One checkpointer for everything that must survive a restart: save, publish and restore.
 
 A checkpoint directory holds, written by every rank into its own local folder and merged
 by Ray Train into one persistent directory:
@@ -8,16 +8,21 @@ by Ray Train into one persistent directory:
     client/rank_00000.pt        per rank: step, epoch, data-loader position, RNG states
     ema.pt                      rank 0: the EMA weights (identical on every rank)
 
-    checkpointer = Checkpointer(engine, loader=train_loader, ema=ema)
-    checkpointer.save(local_dir, step=step, epoch=epoch)
-    progress = checkpointer.load(restored_dir)   # {"step": ..., "epoch": ...}
+    checkpointer = Checkpointer(engine, loader=train_loader, ema=ema, publish=publish)
+    checkpointer.commit(step=step, epoch=epoch, metrics=metrics)   # save + hand to Ray Train
+    progress = checkpointer.restore(ray.train.get_checkpoint())     # None on a fresh start
+
+``publish(metrics, directory, step)`` is the launcher's hand-over (``ray.train.report`` with
+the directory); this module itself imports no ray. ``save``/``load`` work on plain folders.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,13 +58,34 @@ class Checkpointer:
     """Saves and restores the engine's shards together with the loop's own state.
 
     ``loader`` and ``ema`` need ``state_dict()/load_state_dict()``; ``ema`` may be None.
-    ``save`` and ``load`` are collectives: every rank calls them with its own directory.
+    ``save``, ``load``, ``commit`` and ``restore`` are collectives: every rank calls them.
     """
 
-    def __init__(self, engine, *, loader, ema: WeightEma | None = None) -> None:
+    def __init__(self, engine, *, loader, ema: WeightEma | None = None,
+                 publish: Callable[[dict[str, float], Path, int], None] | None = None) -> None:
         self.engine = engine
         self.loader = loader
         self.ema = ema
+        self.publish = publish
+
+    def commit(self, *, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """Save this rank's part into a fresh local folder and ``publish`` it (a barrier
+        across ranks in Ray Train, which merges the folders); the local copy is then deleted."""
+        if self.publish is None:
+            raise RuntimeError("Checkpointer.commit needs publish=: the launcher's hand-over")
+        directory = Path(tempfile.mkdtemp(prefix=f"t2t-ckpt-{step:08d}-"))
+        try:
+            self.save(directory, step=step, epoch=epoch)
+            self.publish({**metrics, "step": step, "epoch": epoch}, directory, step)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def restore(self, checkpoint) -> dict[str, Any] | None:
+        """Load from a Ray Train ``Checkpoint`` (anything with ``as_directory()``); None: fresh."""
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return self.load(directory)
 
     def save(self, directory: str | Path, *, step: int, epoch: int, **extra: Any) -> Path:
         """Write this rank's part of the checkpoint for ``step`` into ``directory``."""

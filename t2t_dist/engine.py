@@ -19,22 +19,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from t2t_dist.config import Config, ConfigError, EngineConfig, OptimConfig
+from t2t_dist.config import (Config, EngineConfig, OptimConfig, batch_split,
+                             check_precision_device)
 from t2t_dist.optim import param_groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def batch_split(global_batch: int, world_size: int, micro_batch: int = 0) -> tuple[int, int]:
-    """``(micro_batch, grad_accum_steps)`` with ``micro * accum * world == global_batch``.
-
-    ``micro_batch=0`` means one forward per step: ``global_batch / world_size`` per worker.
-    """
-    micro = micro_batch or global_batch // world_size
-    if micro <= 0 or global_batch % (micro * world_size):
-        raise ConfigError(f"data.global_batch={global_batch} is invalid: expected a multiple of "
-                          f"micro_batch({micro}) x workers({world_size})")
-    return micro, global_batch // (micro * world_size)
 
 
 def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: int,
@@ -43,8 +32,7 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: 
 
     ``device_type`` is "cpu" or "cuda"; fp16 is refused on CPU (no CPU fp16 kernels).
     """
-    if engine.precision == "fp16" and device_type == "cpu":
-        raise ConfigError("engine.precision='fp16' is invalid on CPU: expected 'bf16' or 'fp32'")
+    check_precision_device(engine.precision, use_gpu=device_type != "cpu")
     micro, accum = batch_split(global_batch, world_size, engine.micro_batch)
     zero: dict = {"stage": engine.zero_stage}
     if engine.zero_stage >= 1:

@@ -1,21 +1,17 @@
 """The training loop: ``train_step``, ``evaluate`` and ``fit``, which reads top to bottom.
 
 ``fit`` calls checkpointing, evaluation and logging explicitly. It gets everything built
-(engine, loaders, EMA, a tracker with ``log``/``close``) plus one plain function from the
-launcher, ``publish``, which hands a finished checkpoint folder to Ray Train; it imports
-neither tracking nor launch (nor ray).
+(engine, loaders, EMA, a checkpointer that knows how to hand a checkpoint to Ray Train, a
+tracker with the ``Tracker`` methods); it imports neither tracking nor launch (nor ray).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +26,16 @@ from t2t_dist.optim import LRSchedule, WeightEma
 
 
 class Tracker(Protocol):
+    """What the workers call on a tracker (MLflow on rank 0, a no-op elsewhere)."""
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
-    def close(self) -> None: ...
+    def log_model(self, model: nn.Module, name: str = "model") -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+def steps_per_epoch(train_loader, engine) -> int:
+    """Optimizer steps per epoch: the rank's batches per epoch over the accumulation steps."""
+    return len(train_loader) // engine.gradient_accumulation_steps()
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -159,19 +163,17 @@ def next_micro_batches(batches: Iterator, count: int) -> list:
 
 def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
         schedule: LRSchedule, checkpointer: Checkpointer, tracker: Tracker,
-        publish: Callable[[dict[str, float], Path, int], None], device: torch.device,
-        ema: WeightEma | None = None, ema_model: nn.Module | None = None,
+        device: torch.device, ema: WeightEma | None = None, ema_model: nn.Module | None = None,
         resume: dict[str, Any] | None = None) -> dict[str, float]:
     """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics.
 
-    ``resume`` is the client state ``Checkpointer.load`` returned (step, epoch).
-    ``publish(metrics, directory, step)`` hands every rank's checkpoint directory to
-    Ray Train (a barrier across ranks); the directory is deleted afterwards.
+    ``resume`` is the client state ``Checkpointer.restore`` returned (step, epoch).
+    Checkpoints go through ``checkpointer.commit`` (every rank, a barrier).
     """
     run = config.run
     accum = engine.gradient_accumulation_steps()
     micro_batch = engine.train_micro_batch_size_per_gpu()
-    steps_per_epoch = len(train_loader) // accum
+    epoch_steps = steps_per_epoch(train_loader, engine)
     total_steps = min(schedule.total_steps, run.max_steps or schedule.total_steps)
     dtype = engine_dtype(engine)
     step = resume["step"] if resume else 0
@@ -187,24 +189,16 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
         _say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def save_checkpoint(step: int, epoch: int, extra_metrics: dict[str, float]) -> None:
-        directory = Path(tempfile.mkdtemp(prefix=f"t2t-ckpt-{step:08d}-"))
-        try:
-            checkpointer.save(directory, step=step, epoch=epoch)
-            publish({"step": step, "epoch": epoch, **extra_metrics}, directory, step)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    _say(f"training {config.model.name} for {total_steps} steps ({steps_per_epoch} per epoch) on "
+    _say(f"training {config.model.name} for {total_steps} steps ({epoch_steps} per epoch) on "
          f"{dist.world_size()} workers: micro batch {micro_batch} x accumulation {accum} x "
          f"workers {dist.world_size()} = global batch {config.data.global_batch}"
          + (f", resumed at step {step}" if resume else ""))
     meter = Meter(start_step=step)
     while step < total_steps:
-        epoch = step // steps_per_epoch
+        epoch = step // epoch_steps
         train_loader.set_epoch(epoch)  # keeps the position when resuming inside this epoch
         batches = iter(train_loader)
-        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        epoch_end = min((epoch + 1) * epoch_steps, total_steps)
         while step < epoch_end:
             lr = schedule(step)
             loss = train_step(engine, next_micro_batches(batches, accum), augment=augment, lr=lr,
@@ -223,12 +217,12 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                 _say(format_progress(step, total_steps, epoch, lr, metrics))
                 tracker.log(metrics, step)
             # Epoch ends and the last step (run.max_steps may stop mid-epoch) always get both.
-            boundary = step % steps_per_epoch == 0 or step == total_steps
+            boundary = step % epoch_steps == 0 or step == total_steps
             if boundary or (run.eval_every and step % run.eval_every == 0):
                 result = run_eval()
                 tracker.log(result, step)
                 metrics.update(result)
             if boundary or (run.checkpoint_every and step % run.checkpoint_every == 0):
-                save_checkpoint(step, step // steps_per_epoch, metrics)
+                checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
         del batches
     return metrics

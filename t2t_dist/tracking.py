@@ -6,7 +6,7 @@ run by its ``t2t_dist.run_name`` tag and continues it. Other ranks get a ``NullT
     tracker = make_tracker(config, tags={"git_commit": "..."})   # rank 0: MlflowTracker
     tracker.log({"train/loss": 2.3}, step=20)
     tracker.log_model(model)                                      # consolidated fp32 weights
-    tracker.close()
+    tracker.close("FINISHED")                                     # or "FAILED"
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class NullTracker:
     def log_model(self, model: nn.Module, name: str = "model") -> None:
         pass
 
+    def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
+        pass
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -126,6 +129,10 @@ class MlflowTracker:
                                        serialization_format="pickle",
                                        pip_requirements=[f"torch=={torch_version}"])
 
+    def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
+        """``payload`` as a JSON/YAML artifact (by the file's extension) of this run."""
+        self._mlflow.log_dict(payload, artifact_file)
+
     def close(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
 
@@ -138,5 +145,5 @@ def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTr
                             experiment=config.run.experiment, run_name=config.run.name,
                             params=config_params(config), tags=tags)
     # The resolved config beside the params: what `load_config` reads back, for s3 runs too.
-    tracker._mlflow.log_dict(to_dict(config), "config.yaml")
+    tracker.log_dict(to_dict(config), "config.yaml")
     return tracker

@@ -10,6 +10,7 @@ and (from ray_cluster.py) a `ray start --head` cluster and the digits demo shard
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
@@ -116,6 +117,26 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo group, as Ray Train would have set up (DeepSpeed on CPU). One per session:
+    DeepSpeed caches the first group it sees (a second group would be "not registered")."""
+    import torch.distributed as torch_dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        torch_dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        torch_dist.destroy_process_group()
 
 
 def _write_image_tree(root, num_samples: int, *, side: int = 24, classes: int | None = None):

@@ -4,13 +4,8 @@ A real DeepSpeed engine (ZeRO-2, fp32, CPU) in a one-process gloo group: train, 
 on; then a fresh engine loads the checkpoint and must repeat the same losses bit for bit.
 """
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as torch_dist
-
 
 from t2t_dist.checkpoint import Checkpointer, client_path
 from t2t_dist.config import load_config
@@ -21,23 +16,6 @@ from t2t_dist.models import create_model
 from t2t_dist.optim import WeightEma
 
 DEVICE = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group, as Ray Train would have set up (DeepSpeed on CPU)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        torch_dist.init_process_group("gloo", rank=0, world_size=1)
-        yield
-        torch_dist.destroy_process_group()
 
 
 def build(digits, seed, stage=2):

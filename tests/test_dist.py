@@ -6,6 +6,7 @@ from t2t_dist import dist
 
 
 def test_no_process_group_is_rank_zero_of_one(monkeypatch):
+    monkeypatch.setattr(dist, "_initialized", lambda: False)  # other tests may hold a group
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
@@ -14,6 +15,7 @@ def test_no_process_group_is_rank_zero_of_one(monkeypatch):
 
 
 def test_launcher_environment_is_read_before_the_group_exists(monkeypatch):
+    monkeypatch.setattr(dist, "_initialized", lambda: False)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (3, 8, False)

@@ -13,10 +13,9 @@ FORBIDDEN_IN_MODELS = ("deepspeed", "ray", "mlflow", "boto3", "botocore")
 
 
 def _room(module: str) -> str:
-    """t2t_dist.data.loader -> data; t2t_dist.worker -> launch (a launch-side helper)."""
+    """t2t_dist.data.loader -> data; t2t_dist.launch.build -> launch."""
     parts = module.split(".")
-    name = parts[1] if len(parts) > 1 else "__init__"
-    return {"worker": "launch"}.get(name, name)
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,6 +52,30 @@ def test_imports_flow_left(path):
         assert room in LAYERS, f"{module}: room {room!r} is not in the layer list {LAYERS}"
         assert LAYERS.index(target) < LAYERS.index(room), (
             f"{module} ({room}) imports {name} ({target}): imports must flow left along {LAYERS}")
+
+
+RAY_ROOTS = ("ray",)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_launch_imports_ray(path):
+    """Everything that imports Ray lives under t2t_dist/launch/."""
+    if path.relative_to(PACKAGE).parts[0] == "launch":
+        return
+    for name in _imports(path):
+        assert name.split(".")[0] not in RAY_ROOTS, f"{path.name} imports {name}: only launch/ may"
+
+
+def test_read_path_imports_no_writer():
+    """The loader and its stream never import the shard writer (or anything that does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, t2t_dist.data.loader; "
+            "print(sorted(m for m in sys.modules if m.startswith('t2t_dist.data.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout
+    assert "writer" not in loaded and "check" not in loaded, loaded
 
 
 def test_model_code_is_single_device_pytorch():

@@ -13,15 +13,16 @@ from typing import Any, Sequence
 
 import yaml
 
-from t2t_dist.config.base import ConfigError, fail, flatten, from_dict, to_dict
+from t2t_dist.config.base import ConfigError, flatten, from_dict, to_dict
 from t2t_dist.config.data import DataConfig
 from t2t_dist.config.model import ModelConfig
-from t2t_dist.config.train import EngineConfig, OptimConfig, RunConfig, ScalingConfig
+from t2t_dist.config.train import (EngineConfig, OptimConfig, RunConfig, ScalingConfig,
+                                   batch_split, check_precision_device)
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "ScalingConfig", "apply_overrides", "flatten", "from_dict", "load_config",
-    "save_config", "to_dict",
+    "RunConfig", "ScalingConfig", "apply_overrides", "batch_split", "check_precision_device",
+    "flatten", "from_dict", "load_config", "save_config", "to_dict",
 ]
 
 
@@ -35,11 +36,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def __post_init__(self) -> None:
-        workers = self.scaling.num_workers
-        micro = self.engine.micro_batch or self.data.global_batch // workers
-        if micro == 0 or self.data.global_batch % (micro * workers):
-            fail("data.global_batch", self.data.global_batch,
-                 f"a multiple of micro_batch({micro}) x workers({workers})")
+        batch_split(self.data.global_batch, self.scaling.num_workers, self.engine.micro_batch)
+        check_precision_device(self.engine.precision, self.scaling.use_gpu)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

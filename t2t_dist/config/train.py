@@ -4,10 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from t2t_dist.config.base import check_choice, check_positive, check_range
+from t2t_dist.config.base import ConfigError, check_choice, check_positive, check_range
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def batch_split(global_batch: int, world_size: int, micro_batch: int = 0) -> tuple[int, int]:
+    """``(micro_batch, grad_accum_steps)`` with ``micro * accum * world == global_batch``.
+
+    ``micro_batch=0`` means one forward per step: ``global_batch / world_size`` per worker.
+    """
+    micro = micro_batch or global_batch // world_size
+    if micro <= 0 or global_batch % (micro * world_size):
+        raise ConfigError(f"data.global_batch={global_batch} is invalid: expected a multiple of "
+                          f"micro_batch({micro}) x workers({world_size})")
+    return micro, global_batch // (micro * world_size)
+
+
+def check_precision_device(precision: str, use_gpu: bool) -> None:
+    """fp16 needs GPU workers: there are no CPU fp16 kernels (DeepSpeed refuses it there)."""
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError("engine.precision='fp16' is invalid on CPU workers: expected 'bf16' or "
+                          "'fp32' (or scaling.use_gpu=true)")
 
 
 @dataclass(frozen=True, kw_only=True)

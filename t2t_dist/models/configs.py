@@ -1,7 +1,7 @@
 """The variant table: every model t2t-dist can build, as named configs of names and numbers.
 
 Released variants keep the upstream names so that their checkpoints map key for key
-(``/work/shared/spec/official_state_dict/<name>.json``). Paper-only variants (Tables 6 and 7)
+(``tests/data/official_state_dict/<name>.json``, vendored from the released checkpoints). Paper-only variants (Tables 6 and 7)
 and tiny configs for tests and the digits demo sit in the same table. Reference figures
 (``spec_*`` measured on the reference code, ``paper_*`` as printed) ride along so the model
 table can show them beside what we measure.

@@ -1,7 +1,6 @@
-"""Driver side: check the run, connect to Ray (or start one), build the TorchTrainer, fit.
+"""Driver side: resolve the run's paths, connect to Ray (or start one), build the TorchTrainer, fit.
 
     config = prepare(load_config(...))     # absolute paths, tracking URI; nothing started yet
-    preflight(config)                      # bad model/shards/credentials fail here, in one line
     result = launch(config)                # Ray Train V2 TorchTrainer.fit()
 
 Runs the same under ``python jobs/pretrain.py`` (a local Ray when no cluster is there) and
@@ -18,15 +17,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from t2t_dist.config import Config, ConfigError, save_config, to_dict
+from t2t_dist.config import Config, save_config, to_dict
+from t2t_dist.launch.preflight import is_remote
 from t2t_dist.tracking import resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
 WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu"}
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def absolute_path(path: str, cwd: Path) -> str:
@@ -56,62 +52,6 @@ def prepare(config: Config, cwd: str | Path | None = None) -> Config:
     data = dataclasses.replace(config.data, train_urls=absolute_urls(config.data.train_urls, cwd),
                                val_urls=absolute_urls(config.data.val_urls, cwd))
     return dataclasses.replace(config, model=model, run=run, data=data)
-
-
-def check_shards_resolve(field: str, pattern: str):
-    """Every shard of ``pattern`` is in its manifest and exists; returns the ``ShardTable``.
-
-    Reads manifests and one listing per shard folder, never a shard. Missing files, a bad
-    pattern and unreadable S3 (credentials, endpoint) all become one-line ConfigErrors.
-    """
-    from t2t_dist.data import load_shard_table
-    from t2t_dist.storage import split_url
-
-    if not pattern:
-        raise ConfigError(f"data.{field} is empty: expected shard URLs such as "
-                          f"s3://bucket/train/name-{{0000..1023}}.tar or a local pattern "
-                          f"(`make demo` writes demo_data/)")
-    try:
-        table = load_shard_table(pattern)
-        listings: dict[str, set[str]] = {}
-        for url in table.urls:
-            folder, _, name = url.rpartition("/")
-            if folder not in listings:
-                store, _ = split_url(url)
-                listings[folder] = set(store.list())
-            if name not in listings[folder]:
-                raise FileNotFoundError(f"shard {url} does not exist")
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"data.{field}={pattern!r} is invalid: {error}") from None
-    except Exception as error:  # botocore: no credentials, endpoint unreachable, access denied
-        raise ConfigError(f"data.{field}={pattern!r} cannot be read: {type(error).__name__}: "
-                          f"{error} (check AWS credentials and AWS_ENDPOINT_URL)") from None
-    return table
-
-
-def preflight(config: Config) -> None:
-    """Fail in one line, before any cluster resources are taken, on what would fail later."""
-    from t2t_dist.models import list_models
-
-    names = list_models()
-    if config.model.name not in names:
-        raise ConfigError(f"model.name={config.model.name!r} is invalid: expected one of "
-                          f"{', '.join(names)}")
-    pretrained = config.model.pretrained
-    if pretrained and not is_remote(pretrained) and not Path(pretrained).is_file():
-        raise ConfigError(f"model.pretrained={pretrained!r} is invalid: expected an existing "
-                          f"checkpoint file (released .pth.tar or our exported weights)")
-    train = check_shards_resolve("train_urls", config.data.train_urls)
-    check_shards_resolve("val_urls", config.data.val_urls)
-    if train.num_samples < config.data.global_batch:
-        raise ConfigError(f"data.global_batch={config.data.global_batch} is invalid: the "
-                          f"training shards hold only {train.num_samples} samples")
-    if len(train.classes) != config.model.num_classes:
-        raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: expected "
-                          f"{len(train.classes)}, the classes of the training shards")
-    if config.engine.precision == "fp16" and not config.scaling.use_gpu:
-        raise ConfigError("engine.precision='fp16' is invalid on CPU workers: expected 'bf16' or "
-                          "'fp32' (or scaling.use_gpu=true)")
 
 
 def submission_id() -> str:
@@ -149,12 +89,17 @@ def connect(config: Config) -> None:
     ray.init(address=config.scaling.ray_address or None, logging_level="WARNING")
 
 
-def build_trainer(config: Config, tags: dict[str, str]):
-    """The Ray Train V2 TorchTrainer for ``config``: scaling, storage, failures, checkpoints."""
+def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callbacks=(),
+                  name: str | None = None):
+    """The Ray Train V2 TorchTrainer for ``config``: scaling, storage, failures, checkpoints.
+
+    ``worker`` is the per-worker entry (default: training); ``callbacks`` are Ray Train
+    callbacks (a Tune sweep passes its report callback); ``name`` overrides ``run.name``.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from t2t_dist.worker import train_worker
+    from t2t_dist.launch.train import train_worker
 
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
@@ -163,14 +108,15 @@ def build_trainer(config: Config, tags: dict[str, str]):
     env_vars = {} if scaling.use_gpu else dict(WORKER_ENV_CPU)
     env_vars["OMP_NUM_THREADS"] = str(max(1, int(scaling.cpus_per_worker)))
     run_config = ray.train.RunConfig(
-        name=config.run.name,
+        name=name or config.run.name,
         storage_path=config.run.storage_path,
+        callbacks=list(callbacks),
         failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         worker_runtime_env={"env_vars": env_vars},
     )
     return TorchTrainer(
-        train_worker,
+        worker or train_worker,
         train_loop_config={"config": to_dict(config), "tags": tags},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,

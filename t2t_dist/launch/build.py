@@ -1,0 +1,95 @@
+"""Config -> the parts a worker runs: model, engine, loaders, augmentation, schedule, EMA,
+checkpointer, tracker. One builder, shared by the training, evaluation and sweep workers.
+
+    parts = build_parts(config, tags=payload["tags"])      # inside a Ray Train worker
+    resume = parts.checkpointer.restore(ray.train.get_checkpoint())
+    fit(config, **parts.fit_kwargs(), resume=resume)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from t2t_dist import dist
+from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.config import Config, batch_split
+from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
+from t2t_dist.engine import build_engine
+from t2t_dist.loop import steps_per_epoch
+from t2t_dist.models import create_model, load_pretrained
+from t2t_dist.optim import LRSchedule, WeightEma
+from t2t_dist.tracking import MlflowTracker, NullTracker, make_tracker
+
+
+def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
+    """The variant ``model.name`` with this run's image size, classes and drop path, and the
+    ``model.pretrained`` weights when ``pretrained``."""
+    model_cfg = config.model
+    model = create_model(model_cfg.name, img_size=model_cfg.img_size,
+                         num_classes=model_cfg.num_classes,
+                         drop_path_rate=model_cfg.drop_path_rate, attention=model_cfg.attention)
+    if pretrained and model_cfg.pretrained:
+        load_pretrained(model, model_cfg.pretrained)
+    return model
+
+
+def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
+    """Hand this rank's checkpoint folder to Ray Train, which merges all ranks' folders."""
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                     checkpoint_dir_name=f"checkpoint_step_{step:08d}")
+
+
+@dataclass
+class Parts:
+    """What one worker built from the config; ``fit_kwargs()`` is what ``loop.fit`` takes."""
+
+    device: torch.device
+    engine: Any  # deepspeed.DeepSpeedEngine
+    train_loader: Any
+    val_loader: Any
+    augment: nn.Module
+    schedule: LRSchedule
+    checkpointer: Checkpointer
+    tracker: MlflowTracker | NullTracker
+    ema: WeightEma | None = None
+    ema_model: nn.Module | None = None  # fp32 copy the EMA weights are evaluated in
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        return {"engine": self.engine, "train_loader": self.train_loader,
+                "val_loader": self.val_loader, "augment": self.augment,
+                "schedule": self.schedule, "checkpointer": self.checkpointer,
+                "tracker": self.tracker, "device": self.device, "ema": self.ema,
+                "ema_model": self.ema_model}
+
+
+def build_parts(config: Config, *, tags: dict[str, str]) -> Parts:
+    """Build every part on this worker (a collective: DeepSpeed joins the process group)."""
+    rank, world = dist.rank(), dist.world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.run.seed)  # same initial weights on every rank
+    micro_batch, _ = batch_split(config.data.global_batch, world, config.engine.micro_batch)
+    train_loader = build_train_loader(config.data, img_size=config.model.img_size, rank=rank,
+                                      world_size=world, micro_batch=micro_batch)
+    val_loader = build_val_loader(config.data, img_size=config.model.img_size, rank=rank,
+                                  world_size=world)
+    model = build_model(config)
+    ema = ema_model = None
+    if config.optim.ema_decay > 0:
+        ema = WeightEma(model.state_dict(), decay=config.optim.ema_decay, device=device)
+        ema_model = copy.deepcopy(model).to(device).eval()  # fp32, outside DeepSpeed
+    engine = build_engine(model, config, world_size=world, device=device)
+    augment = BatchAugment(config.data, config.model.num_classes).to(device)
+    schedule = LRSchedule.from_config(config.optim, global_batch=config.data.global_batch,
+                                      steps_per_epoch=steps_per_epoch(train_loader, engine))
+    checkpointer = Checkpointer(engine, loader=train_loader, ema=ema, publish=publish)
+    return Parts(device=device, engine=engine, train_loader=train_loader, val_loader=val_loader,
+                 augment=augment, schedule=schedule, checkpointer=checkpointer,
+                 tracker=make_tracker(config, tags=tags), ema=ema, ema_model=ema_model)

@@ -1,0 +1,114 @@
+"""``loop.fit`` in one process (gloo, world size 1, a stub publish): the cadence of logs, evals
+and checkpoints, a ``run.max_steps`` stop mid-epoch, and the NaN stop, in seconds."""
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.config import load_config
+from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
+from t2t_dist.engine import build_engine
+from t2t_dist.loop import fit, steps_per_epoch
+from t2t_dist.models import create_model
+from t2t_dist.optim import LRSchedule
+
+DEVICE = torch.device("cpu")
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def log_model(self, model, name="model"):
+        raise AssertionError("fit never logs models")
+
+    def close(self, status="FINISHED"):
+        pass
+
+
+class NanAfter(nn.Module):
+    """The real augmentation, then NaN images from the ``after``-th call on."""
+
+    def __init__(self, augment: nn.Module, after: int):
+        super().__init__()
+        self.augment, self.after, self.calls = augment, after, 0
+
+    def forward(self, images, labels):
+        images, targets = self.augment(images, labels)
+        self.calls += 1
+        return (images * math.nan if self.calls > self.after else images), targets
+
+
+def first_shards(pattern: str, count: int) -> str:
+    """``.../digits-train-{0000..0007}.tar`` -> the first ``count`` shards (200 samples each)."""
+    return re.sub(r"\{0+\.\.(\d+)\}", lambda m: "{%s..%0*d}" % ("0" * len(m[1]), len(m[1]),
+                                                              count - 1), pattern)
+
+
+def build(digits, *settings):
+    config = load_config(overrides=[
+        f"data.train_urls={first_shards(digits['train'], 2)}",
+        f"data.val_urls={first_shards(digits['val'], 1)}",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32",
+        "model.num_classes=10", "data.global_batch=64", "data.loader_workers=0",
+        "engine.precision=fp32", "engine.zero_stage=2", "optim.epochs=2",
+        "optim.warmup_epochs=0.5", "optim.cooldown_epochs=0", "optim.ema_decay=0",
+        "data.mixup_alpha=0", "data.cutmix_alpha=0", *settings])
+    torch.manual_seed(0)
+    train_loader = build_train_loader(config.data, img_size=32, micro_batch=64)
+    val_loader = build_val_loader(config.data, img_size=32)
+    model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    engine = build_engine(model, config, world_size=1, device=DEVICE)
+    schedule = LRSchedule.from_config(config.optim, global_batch=64,
+                                      steps_per_epoch=steps_per_epoch(train_loader, engine))
+    published: list[tuple[int, dict, list[str]]] = []
+
+    def publish(metrics, directory, step):  # what Ray Train would receive
+        files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.pt"))
+        published.append((step, dict(metrics), files))
+
+    checkpointer = Checkpointer(engine, loader=train_loader, publish=publish)
+    parts = {"engine": engine, "train_loader": train_loader, "val_loader": val_loader,
+             "augment": BatchAugment(config.data, 10), "schedule": schedule,
+             "checkpointer": checkpointer, "device": DEVICE}
+    return config, parts, published
+
+
+@pytest.mark.slow
+def test_cadence_and_max_steps_stop_mid_epoch(process_group, digits_shards):
+    config, parts, published = build(digits_shards, "run.log_every=3", "run.eval_every=4",
+                                      "run.checkpoint_every=5", "run.max_steps=8")
+    epoch_steps = steps_per_epoch(parts["train_loader"], parts["engine"])
+    assert epoch_steps == 400 // 64 == 6  # two shards of 200; the last partial batch dropped
+    tracker = RecordingTracker()
+    final = fit(config, tracker=tracker, **parts)
+
+    train_steps = [step for step, m in tracker.logged if "train/loss" in m]
+    eval_steps = [step for step, m in tracker.logged if "val/top1" in m]
+    assert train_steps == [3, 6, 8]  # every log_every, and the last step
+    assert eval_steps == [4, 6, 8]  # every eval_every, the epoch end, the last step
+    assert [step for step, _, _ in published] == [5, 6, 8]  # every checkpoint_every, epoch end, last
+    assert [m["epoch"] for _, m, _ in published] == [0, 1, 1]  # the epoch a resume starts in
+    assert all("client/rank_00000.pt" in files for _, _, files in published)
+    # A checkpoint carries the metrics of its step: the epoch-end eval at 6, the last at 8.
+    by_step = {step: m for step, m, _ in published}
+    assert by_step[8]["val/top1"] == final["val/top1"] == tracker.logged[-1][1]["val/top1"]
+    assert by_step[6]["val/top1"] == dict(tracker.logged)[6]["val/top1"]
+    assert final["train/lr"] == pytest.approx(parts["schedule"](7))
+    assert parts["train_loader"].state_dict()["epoch"] == 1  # stopped inside the second epoch
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(process_group, digits_shards):
+    config, parts, published = build(digits_shards, "run.log_every=1", "run.checkpoint_every=2")
+    parts["augment"] = NanAfter(parts["augment"], after=5)
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 6: lower optim.lr"):
+        fit(config, tracker=RecordingTracker(), **parts)
+    assert [step for step, _, _ in published] == [2, 4]  # nothing written at or after the NaN
