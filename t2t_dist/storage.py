@@ -8,13 +8,20 @@
 
 S3 goes through boto3, so the endpoint and credentials come from the standard AWS
 environment and config files (``AWS_ENDPOINT_URL`` selects MinIO, Ceph or moto).
-``open_read`` survives a connection dropped mid-object: the reader knows its byte offset
-and re-issues GetObject with a ``Range`` from there, with exponential backoff, so the
-caller sees every byte exactly once. A leaf module: it imports nothing from t2t_dist.
+
+Retries, one job each: botocore retries every API call (its "standard" mode: connection
+errors, 5xx, throttling; jittered exponential backoff) up to ``retries`` times. Our reader
+only resumes a streamed body that breaks mid-read (connection reset, read timeout, short
+body): it knows its byte offset and re-issues the ranged GetObject from there, at most
+``resumes`` times in a row without a byte received, so the caller sees every byte exactly
+once. A GetObject that botocore gave up on is not retried again here, so a dead server
+costs ``retries + 1`` attempts, not their product with ours.
+A leaf module: it imports nothing from t2t_dist.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -22,21 +29,23 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-# Transient network failures of a streamed body; botocore retries failed API calls itself.
-_RETRYABLE_NAMES = {
-    "ConnectionError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-    "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError", "ProtocolError",
-    "IncompleteRead", "ChunkedEncodingError", "ConnectionResetError", "BrokenPipeError",
-    "RemoteDisconnected", "TimeoutError", "HTTPClientError",
-}
+API_RETRIES = 8  # botocore retries per API call (attempts = retries + 1)
+STREAM_RESUMES = 3  # re-issued ranged GETs after a broken body, in a row without progress
 
 
-def _is_transient(error: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if names & _RETRYABLE_NAMES:
-        return True
-    code = _error_code(error)
-    return code in {"500", "502", "503", "504", "SlowDown", "InternalError", "RequestTimeout"}
+@functools.cache
+def _broken_body_errors() -> tuple[type[BaseException], ...]:
+    """What reading a GetObject body raises when the connection breaks mid-body."""
+    import http.client
+
+    import botocore.exceptions as botocore_errors
+    import urllib3.exceptions as urllib3_errors
+
+    return (botocore_errors.ResponseStreamingError,  # urllib3 ProtocolError, wrapped by botocore
+            botocore_errors.ReadTimeoutError, botocore_errors.IncompleteReadError,
+            botocore_errors.ConnectionError, urllib3_errors.ProtocolError,
+            urllib3_errors.ReadTimeoutError, http.client.IncompleteRead, ConnectionError,
+            TimeoutError)
 
 
 def _error_code(error: BaseException) -> str:
@@ -45,7 +54,7 @@ def _error_code(error: BaseException) -> str:
 
 
 def backoff_seconds(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
-    """Sleep before retry ``attempt`` (1, 2, ...): 0.2 s doubling up to ``cap``."""
+    """Sleep before resume ``attempt`` (1, 2, ...): 0.2 s doubling up to ``cap``."""
     return min(cap, base * 2 ** (attempt - 1))
 
 
@@ -130,25 +139,26 @@ class LocalStore:
 
 
 class _S3Range(io.RawIOBase):
-    """Bytes [start, end) of one S3 object that resumes from its offset after a dropped connection."""
+    """Bytes [start, end) of one S3 object that resumes from its offset after a broken body."""
 
-    def __init__(self, store: "S3Store", key: str, start: int, end: int | None, retries: int):
+    def __init__(self, store: "S3Store", key: str, start: int, end: int | None):
         self._store, self._key = store, key
         self.position, self._end = start, end
-        self._retries = retries
         self._body = None
-        self.reconnects = 0  # GetObject calls re-issued after a transient error
+        self.resumes = 0  # ranged GetObject calls re-issued after the body broke
 
     def readable(self) -> bool:
         return True
 
     def _open(self) -> None:
+        from botocore.exceptions import ClientError
+
         last = "" if self._end is None else str(self._end - 1)
-        client = self._store.client
-        try:
-            response = client.get_object(Bucket=self._store.bucket, Key=self._store.full_key(self._key),
-                                         Range=f"bytes={self.position}-{last}")
-        except Exception as error:
+        try:  # botocore retries transient failures of the call itself
+            response = self._store.client.get_object(
+                Bucket=self._store.bucket, Key=self._store.full_key(self._key),
+                Range=f"bytes={self.position}-{last}")
+        except ClientError as error:
             code = _error_code(error)
             if code in {"NoSuchKey", "404", "NoSuchBucket"}:
                 raise FileNotFoundError(f"{self._store.url(self._key)} does not exist") from None
@@ -163,22 +173,20 @@ class _S3Range(io.RawIOBase):
             size = min(size, self._end - self.position)
         if size <= 0:
             return b""
-        attempt = 0
+        in_a_row = 0
         while True:
+            if self._body is None:
+                self._open()
             try:
-                if self._body is None:
-                    self._open()
                 data = self._body.read(size)
                 break
-            except FileNotFoundError:
-                raise
-            except Exception as error:
-                attempt += 1
-                if not _is_transient(error) or attempt > self._retries:
+            except _broken_body_errors():
+                in_a_row += 1
+                if in_a_row > self._store.resumes:
                     raise
                 self._close_body()
-                self.reconnects += 1
-                time.sleep(backoff_seconds(attempt))
+                self.resumes += 1
+                time.sleep(backoff_seconds(in_a_row))
         self.position += len(data)
         return data
 
@@ -213,12 +221,13 @@ _SESSION = None  # boto3.session.Session, created on first use
 class S3Store:
     """``s3://bucket/prefix``; one boto3 client per process, created on first use."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, retries: int = 8):
+    def __init__(self, bucket: str, prefix: str = "", *, retries: int = API_RETRIES,
+                 resumes: int = STREAM_RESUMES):
         if not bucket:
             raise ValueError("S3 URL has no bucket: expected s3://bucket/prefix")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.retries = retries
+        self.retries, self.resumes = retries, resumes
         self._client = None
         self._client_pid = -1
 
@@ -233,7 +242,7 @@ class S3Store:
             from botocore.config import Config
 
             global _SESSION
-            config = Config(retries={"max_attempts": self.retries, "mode": "standard"},
+            config = Config(retries={"total_max_attempts": self.retries + 1, "mode": "standard"},
                             connect_timeout=10, read_timeout=60, max_pool_connections=16,
                             response_checksum_validation="when_required")
             # One session per program, inherited by forked workers: it caches the parsed
@@ -273,7 +282,7 @@ class S3Store:
         return sorted(keys)
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        return io.BufferedReader(_S3Range(self, key, start, end, self.retries), 1 << 20)
+        return io.BufferedReader(_S3Range(self, key, start, end), 1 << 20)
 
     def delete(self, key: str) -> None:
         """Delete one object, or every object under ``key/``."""
@@ -287,8 +296,9 @@ def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
-def open_store(url: str | Path, *, retries: int = 8) -> LocalStore | S3Store:
-    """The store rooted at ``url``: ``s3://bucket/prefix``, ``file:///path`` or a plain path."""
+def open_store(url: str | Path, *, retries: int = API_RETRIES) -> LocalStore | S3Store:
+    """The store rooted at ``url``: ``s3://bucket/prefix``, ``file:///path`` or a plain path;
+    ``retries``: botocore's retries per S3 API call."""
     url = str(url)
     if is_s3(url):
         bucket, _, prefix = url[len("s3://"):].partition("/")
@@ -301,7 +311,7 @@ def open_store(url: str | Path, *, retries: int = 8) -> LocalStore | S3Store:
     return LocalStore(url)
 
 
-def split_url(url: str, *, retries: int = 8) -> tuple[LocalStore | S3Store, str]:
+def split_url(url: str, *, retries: int = API_RETRIES) -> tuple[LocalStore | S3Store, str]:
     """``s3://b/dir/name.tar`` -> (store for ``s3://b/dir``, ``"name.tar"``)."""
     parent, sep, name = str(url).rstrip("/").rpartition("/")
     if not sep:

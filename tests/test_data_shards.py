@@ -106,8 +106,9 @@ def test_check_reports_corrupt_unlabeled_truncated_missing(image_tree, tmp_path,
     assert check_shards(pattern).ok
     first = out / "t-0000.tar"
     names = _members(first)
-    data = patch_member(first.read_bytes(), names[0], lambda old: b"\0" * len(old))  # jpg
-    data = patch_member(data, names[4], lambda old: b"x" * len(old))  # second sample's cls
+    jpgs, labels = [n for n in names if n.endswith(".jpg")], [n for n in names if n.endswith(".cls")]
+    data = patch_member(first.read_bytes(), jpgs[0], lambda old: b"\0" * len(old))
+    data = patch_member(data, labels[1], lambda old: b"x" * len(old))
     first.write_bytes(data)
     second = out / "t-0001.tar"
     second.write_bytes(second.read_bytes()[:1500])
@@ -132,7 +133,8 @@ def test_write_to_s3_and_check_writes_manifest_for_foreign_shards(image_tree, s3
     store = open_store(dest)
     written = load_shard_table(pattern)
     store.delete("s.manifest.json")
-    with pytest.raises(FileNotFoundError, match="write_manifest=True"):
+    with pytest.raises(FileNotFoundError, match=r"run `t2t-dist shards check 's3://.*/data/s-\*\.tar' "
+                                                r"--write-manifest`"):
         load_shard_table(pattern)
     check_shards(pattern, write_manifest=True)
     rebuilt = load_shard_table(pattern)

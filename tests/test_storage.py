@@ -53,13 +53,25 @@ def test_s3_store_and_multipart_upload(s3_bucket, tmp_path):
 
 
 class _DroppingProxy:
-    """A TCP proxy to the S3 server that cuts the first response carrying ``drop_after`` bytes."""
+    """A TCP proxy to the S3 server that cuts the first ``drops`` responses (None: every one)
+    after ``drop_after`` bytes (None: right after the headers, before any body byte); with
+    ``then_refuse``, it then stops listening."""
 
-    def __init__(self, upstream_port: int, drop_after: int):
+    def __init__(self, upstream_port: int, drop_after: int | None, *, drops: int | None = 1,
+                 then_refuse: bool = False):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.upstream_port, self.drop_after, self.dropped = upstream_port, drop_after, 0
+        self.drops, self.then_refuse = drops, then_refuse
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening (shutdown wakes the thread blocked in accept, so the port closes)."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
 
     def _accept(self) -> None:
         while True:
@@ -75,9 +87,14 @@ class _DroppingProxy:
         sent = 0
         try:
             while data := source.recv(65536):
-                if response and self.dropped == 0 and sent + len(data) > self.drop_after:
-                    sink.sendall(data[: self.drop_after - sent])
+                cutting = response and (self.drops is None or self.dropped < self.drops)
+                cut = self.drop_after - sent if self.drop_after is not None else (
+                    data.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else len(data) + 1)
+                if cutting and cut <= len(data):
+                    sink.sendall(data[:cut])
                     self.dropped += 1
+                    if self.then_refuse and self.dropped == self.drops:
+                        self.close()  # new connections are refused from now on
                     break  # mid-body: close both ends
                 sink.sendall(data)
                 sent += len(data)
@@ -100,7 +117,76 @@ def test_s3_read_resumes_after_connection_drop(s3_bucket, s3_server, monkeypatch
     store = open_store(s3_bucket)
     with store.open_read("blob.bin", 1000) as stream:
         got = stream.read()
-        reconnects = stream.raw.reconnects
-    assert proxy.dropped == 1 and reconnects >= 1  # the connection really broke mid-body
+        resumes = stream.raw.resumes
+    assert proxy.dropped == 1 and resumes >= 1  # the connection really broke mid-body
     assert got == payload[1000:]  # ... and no byte was lost or repeated
-    proxy.listener.close()
+    proxy.close()
+
+
+def _get_object_calls(store: S3Store) -> list[dict]:
+    """Every GetObject request the store's client sends from now on, retries included."""
+    calls: list[dict] = []
+    store.client.meta.events.register("before-send.s3.GetObject", lambda **kw: calls.append(kw))
+    return calls
+
+
+RETRIES, RESUMES = 2, 3  # botocore attempts per call: RETRIES + 1
+
+
+@pytest.mark.s3
+def test_s3_stopped_server_costs_botocore_attempts_only(s3_bucket, s3_server):
+    from botocore.exceptions import EndpointConnectionError
+
+    open_store(s3_bucket).put("blob.bin", os.urandom(1000))
+    s3_server.stop()
+    try:
+        store = S3Store(s3_bucket[len("s3://"):], retries=RETRIES, resumes=RESUMES)
+        calls = _get_object_calls(store)  # a fresh client: no pooled connection to the old server
+        with pytest.raises(EndpointConnectionError):
+            store.get("blob.bin")
+    finally:
+        s3_server.start()
+    # botocore retried the call; we did not retry it again (before: attempts x our retries).
+    assert len(calls) == RETRIES + 1
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("case", ["no_body_byte_ever", "cut_then_server_gone"])
+def test_s3_read_attempts_add_up_not_multiply(case, s3_bucket, s3_server, monkeypatch):
+    open_store(s3_bucket).put("blob.bin", os.urandom(1024 * 1024))
+    if case == "no_body_byte_ever":
+        proxy = _DroppingProxy(s3_server.port, drop_after=None, drops=None)
+    else:
+        proxy = _DroppingProxy(s3_server.port, drop_after=256 * 1024, drops=1, then_refuse=True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = S3Store(s3_bucket[len("s3://"):], retries=RETRIES, resumes=RESUMES)
+    calls = _get_object_calls(store)
+    with pytest.raises(Exception) as error:
+        with store.open_read("blob.bin") as stream:
+            stream.read()
+    if case == "no_body_byte_ever":  # every resumed body breaks before a byte: RESUMES, then give up
+        assert type(error.value).__name__ in {"ResponseStreamingError", "IncompleteReadError"}
+        assert proxy.dropped == RESUMES + 1 and len(calls) == 1 + RESUMES
+    else:  # one resume, whose GetObject botocore retries against a closed port, then gives up
+        assert type(error.value).__name__ == "EndpointConnectionError"
+        assert proxy.dropped == 1 and len(calls) == 1 + RETRIES + 1
+    assert len(calls) <= (RETRIES + 1) + RESUMES  # the sum of the two budgets, not the product
+    proxy.close()
+
+
+@pytest.mark.s3
+def test_s3_resume_budget_is_per_stall_not_per_read(s3_bucket, s3_server, monkeypatch):
+    """A body cut every 200 KB: more cuts than RESUMES, but each resume made progress."""
+    payload = os.urandom(1024 * 1024)
+    open_store(s3_bucket).put("blob.bin", payload)
+    proxy = _DroppingProxy(s3_server.port, drop_after=200 * 1024, drops=None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = S3Store(s3_bucket[len("s3://"):], retries=RETRIES, resumes=RESUMES)
+    calls = _get_object_calls(store)
+    with store.open_read("blob.bin", 10) as stream:
+        assert stream.read() == payload[10:]
+        resumes = stream.raw.resumes
+    assert proxy.dropped > RESUMES and resumes == proxy.dropped and len(calls) == resumes + 1
+    ranges = [kw["request"].headers["Range"] for kw in calls]
+    assert ranges[0] == b"bytes=10-" and len(set(ranges)) == len(ranges)  # each from further on
+    proxy.close()

@@ -3,22 +3,42 @@
     from t2t_dist.data import build_train_loader, build_val_loader, BatchAugment, normalize
     train = build_train_loader(data_cfg, img_size=224, rank=0, world_size=1, micro_batch=64)
 
-Modules: ``urls`` (patterns -> shard URLs), ``shards`` (writer, manifest, tar parsing),
-``check`` (read back and report), ``order`` (the epoch order), ``stream`` (Range reads of
-sample runs), ``transforms`` (CPU decode/crop), ``loader`` (distributed resumable loaders),
-``augment`` (device-side batch augmentation), ``digits`` (demo data).
+Read path: ``urls`` (patterns -> shard URLs), ``manifest`` (the manifest beside the shards,
+the shard table), ``order`` (the epoch order), ``tar`` (our byte-offset tar reader),
+``stream`` (Range reads of sample runs), ``transforms`` (CPU decode/crop), ``loader``
+(distributed resumable loaders), ``augment`` (device-side batch augmentation).
+Write and check: ``writer`` (ImageFolder -> shards, with webdataset's TarWriter), ``check``
+(read back and report, with webdataset's tar iterators), ``digits`` (demo data).
+
+Names are imported on first use, so ``import t2t_dist.data.loader`` loads no writer code.
 """
 
-from t2t_dist.data.augment import BatchAugment, normalize, smooth_one_hot
-from t2t_dist.data.check import ShardReport, check_shards
-from t2t_dist.data.digits import make_digits_dataset
-from t2t_dist.data.loader import (SKIP_KINDS, DataError, ShardLoader, build_train_loader,
-                                  build_val_loader)
-from t2t_dist.data.shards import load_shard_table, manifest_pattern, write_shards
-from t2t_dist.data.urls import expand_urls
+from __future__ import annotations
 
-__all__ = [
-    "SKIP_KINDS", "BatchAugment", "DataError", "ShardLoader", "ShardReport", "build_train_loader",
-    "build_val_loader", "check_shards", "expand_urls", "load_shard_table", "make_digits_dataset",
-    "manifest_pattern", "normalize", "smooth_one_hot", "write_shards",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BatchAugment": "augment", "normalize": "augment", "smooth_one_hot": "augment",
+    "ShardReport": "check", "check_shards": "check",
+    "make_digits_dataset": "digits",
+    "SKIP_KINDS": "loader", "DataError": "loader", "ShardLoader": "loader",
+    "build_train_loader": "loader", "build_val_loader": "loader",
+    "ShardTable": "manifest", "check_shards_exist": "manifest", "load_shard_table": "manifest",
+    "manifest_pattern": "manifest",
+    "expand_urls": "urls", "map_local_parts": "urls", "split_patterns": "urls",
+    "write_shards": "writer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

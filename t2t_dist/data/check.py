@@ -1,18 +1,24 @@
-"""Read shards back and report what is in them: ``t2t-dist shards check URL_PATTERN``."""
+"""Read shards back and report what is in them: ``t2t-dist shards check URL_PATTERN``.
+
+Each shard is streamed once, start to end, through webdataset's tar iterators, and every
+image is decoded. The same bytes pass through our ``TarIndex`` on the way: it catches a cut
+or bad header that ``tarfile`` would take for the end of the archive, and gives each
+sample's byte offset for ``--write-manifest`` (the loader's range reads need them).
+"""
 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from t2t_dist.data.shards import (MANIFEST_FORMAT, iter_tar_samples, read_manifest, sample_image,
-                                  sample_label)
-from t2t_dist.data.urls import MANIFEST_SUFFIX, expand_urls, manifest_url, shard_prefix
+from t2t_dist.data.manifest import new_manifest, read_manifest, save_manifest
+from t2t_dist.data.tar import TarIndex, sample_image, sample_label, split_member
+from t2t_dist.data.urls import expand_urls, manifest_url, shard_prefix
 from t2t_dist.storage import split_url
 
 
@@ -22,8 +28,8 @@ class ShardCheck:
     samples: int = 0
     corrupt: int = 0  # image missing or not decodable
     unlabeled: int = 0
-    error: str = ""  # "missing", "truncated: ..." or "manifest says N samples"
-    offsets: list[int] = field(default_factory=list)  # each sample's first header offset
+    error: str = ""  # "missing", "truncated: ...", "unreadable: ..." or "manifest says N samples"
+    offsets: list[int] = field(default_factory=list)  # manifest offsets: sample starts, data end
 
 
 @dataclass
@@ -82,38 +88,67 @@ def _image_ok(data: bytes | None) -> bool:
         return False
 
 
+def _raise(error: Exception) -> bool:
+    raise error
+
+
+class _Tee:
+    """A byte stream that shows every byte read from it to a ``TarIndex`` too."""
+
+    def __init__(self, stream, index: TarIndex):
+        self.stream, self.index = stream, index
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.index.feed(data)
+        return data
+
+
+def _samples(stream, url: str):
+    """``{extension: bytes}`` per sample of a tar stream, grouped by key as the loader groups them."""
+    members = ({**member, "__url__": url} for member in tar_file_iterator(stream, handler=_raise))
+    return group_by_keys(members, keys=split_member, handler=_raise)
+
+
+def _tally(check: ShardCheck, fields: dict, labels: Counter) -> None:
+    check.samples += 1
+    check.corrupt += not _image_ok(sample_image(fields))
+    label = sample_label(fields)
+    if label is None:
+        check.unlabeled += 1
+    else:
+        labels[label] += 1
+
+
 def check_shard(url: str, labels: Counter) -> ShardCheck:
-    """Stream one shard start to end, decoding every image."""
+    """Stream one shard start to end, decoding every image; a cut shard's last sample is left out."""
     check = ShardCheck(url)
     store, name = split_url(url)
+    index = TarIndex()
+    held, streamed = None, False  # the latest sample is whole once the next one comes
     try:
         with store.open_read(name) as stream:
-            for _, fields, start in iter_tar_samples(stream):
-                check.samples += 1
-                check.offsets.append(start)
-                check.corrupt += not _image_ok(sample_image(fields))
-                label = sample_label(fields)
-                if label is None:
-                    check.unlabeled += 1
-                else:
-                    labels[label] += 1
+            for fields in _samples(_Tee(stream, index), url):
+                if held is not None:
+                    _tally(check, held, labels)
+                held = fields
+            streamed = True  # at the end-of-archive block, or at a header tarfile took for it
+            while not (index.ended or index.error) and (rest := stream.read(1 << 20)):
+                index.feed(rest)
+        check.offsets = index.offsets()
     except FileNotFoundError:
         check.error = "missing"
     except (tarfile.TarError, EOFError, OSError) as error:
-        check.error = f"truncated: {error}"
+        # webdataset appends " @ <stream object>" to the message, which says nothing here.
+        check.error = f"truncated: {str(error).split(' @ ')[0]}"
+    except ValueError as error:  # webdataset: a member name twice in one sample
+        check.error = f"unreadable: {error.args[0]}"  # webdataset appends (stream, url) to args
+    if held is not None and not (streamed and check.error):
+        _tally(check, held, labels)
+    if not check.error and len(check.offsets) != check.samples + 1:
+        check.error = (f"unreadable: {check.samples} samples by webdataset, "
+                       f"{len(check.offsets) - 1} by the tar headers")
     return check
-
-
-def _data_end(url: str, starts: list[int]) -> int:
-    """Where the last sample's data ends (its last member's padded end), read from its header on."""
-    store, name = split_url(url)
-    base = starts[-1] if starts else 0
-    with store.open_read(name, base) as stream:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            end = base
-            for info in tar:
-                end = base + info.offset_data + -(-info.size // 512) * 512
-    return end
 
 
 def check_shards(url_pattern: str, *, write_manifest: bool = False) -> ShardReport:
@@ -146,12 +181,8 @@ def _write_manifest(urls: list[str], checks: list[ShardCheck], labels: Counter) 
     if bad:
         raise ValueError(f"cannot write a manifest for unreadable shards: {', '.join(bad)}")
     entries = [{"name": c.url.rpartition("/")[2], "samples": c.samples, "bytes": None,
-                "offsets": c.offsets + [_data_end(c.url, c.offsets)]} for c in checks]
+                "offsets": c.offsets} for c in checks]
     num_classes = max(labels) + 1 if labels else 0
-    prefix = shard_prefix(urls[0])
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "prefix": prefix,
-                "num_samples": sum(c.samples for c in checks), "num_classes": num_classes,
-                "classes": [str(i) for i in range(num_classes)], "samples_per_shard": None,
-                "shards": entries}
-    store, _ = split_url(urls[0])
-    store.put(prefix + MANIFEST_SUFFIX, json.dumps(manifest).encode())
+    manifest = new_manifest(shard_prefix(urls[0]), [str(i) for i in range(num_classes)], entries,
+                            samples_per_shard=None)
+    save_manifest(split_url(urls[0])[0], manifest)

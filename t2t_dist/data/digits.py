@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from t2t_dist.data.shards import manifest_pattern, write_shards
+from t2t_dist.data.manifest import manifest_pattern
+from t2t_dist.data.writer import write_shards
 from t2t_dist.storage import is_s3
 
 

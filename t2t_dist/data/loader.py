@@ -36,9 +36,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from t2t_dist.config.data import DataConfig
+from t2t_dist.data.manifest import ShardTable, load_shard_table
 from t2t_dist.data.order import EpochOrder
-from t2t_dist.data.shards import ShardTable, load_shard_table, sample_image, sample_label
 from t2t_dist.data.stream import ShardReader
+from t2t_dist.data.tar import sample_image, sample_label
 from t2t_dist.data.transforms import decode_eval, decode_train
 
 SKIP_KINDS = ("corrupt_jpeg", "truncated_tar", "missing_shard", "unlabeled")

@@ -13,7 +13,7 @@ import tarfile
 
 import numpy as np
 
-from t2t_dist.data.shards import parse_tar_samples
+from t2t_dist.data.tar import parse_tar_samples
 from t2t_dist.storage import LocalStore, S3Store, split_url
 
 MISSING_SHARD = "missing_shard"

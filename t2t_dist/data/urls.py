@@ -11,12 +11,14 @@ import fnmatch
 import glob
 import os
 import re
+from typing import Callable
 
 import braceexpand
 
 from t2t_dist.storage import is_s3, split_url
 
 MANIFEST_SUFFIX = ".manifest.json"
+PATTERN_SEPARATOR = re.compile(r"(\s+|::)")  # between patterns; captured, so a split keeps it
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SHARD_NUMBER = re.compile(r"-\d+\.tar$")
 
@@ -33,11 +35,24 @@ def _expand_glob(url: str) -> list[str]:
     return sorted(u for u in (f"{directory}/{key}" for key in listed) if fnmatch.fnmatchcase(u, url))
 
 
+def split_patterns(pattern: str) -> list[str]:
+    """The patterns of a multi-pattern string: ``"a/*.tar::b/*.tar"`` -> ``["a/*.tar", "b/*.tar"]``."""
+    return [part for part in PATTERN_SEPARATOR.split(pattern)[::2] if part]
+
+
+def map_local_parts(pattern: str, fn: Callable[[str], str]) -> str:
+    """``pattern`` with ``fn`` applied to each local path in it (not to URLs such as s3:// or
+    file://), separators kept as they are: how a driver makes relative shard paths absolute."""
+    parts = PATTERN_SEPARATOR.split(pattern)  # odd items are the separators
+    return "".join(part if index % 2 or not part or "://" in part else fn(part)
+                   for index, part in enumerate(parts))
+
+
 def expand_urls(pattern: str) -> list[str]:
     """Every shard URL a pattern names, in order, without duplicates; an error if none."""
     urls: list[str] = []
-    for part in re.split(r"\s+|::", pattern.strip()):
-        for url in braceexpand.braceexpand(part) if part else ():
+    for part in split_patterns(pattern):
+        for url in braceexpand.braceexpand(part):
             urls.extend(_expand_glob(url) if _GLOB_CHARS.search(url) else [url])
     urls = list(dict.fromkeys(urls))
     if not urls:
