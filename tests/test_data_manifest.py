@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from t2t_dist.data import check_shards_exist, manifest_pattern, map_local_parts, split_patterns, write_shards
+from t2t_dist.data import (check_shards_exist, manifest_pattern, map_local_parts, split_patterns,
+                           write_shards)
 
 
 def test_split_patterns_and_map_local_parts():

@@ -1,10 +1,10 @@
 """Byte streams of shards: one Range read fetches a run of samples from a local file or S3.
 
 The manifest records each sample's byte offset, so samples ``lo..hi`` of a shard are the
-bytes ``[offsets[lo], offsets[hi + 1])``. The read goes through ``t2t_dist.storage``,
-whose S3 reader resumes from its byte offset after a dropped connection and retries with
-backoff, so a sample is never lost or repeated by a network error. What cannot be read
-becomes a per-sample failure kind instead of an exception.
+bytes ``[offsets[lo], offsets[hi + 1])``, parsed by ``tar.parse_tar_samples``. The read goes
+through ``t2t_dist.storage``: botocore retries the S3 request, and a body that breaks
+mid-read resumes from its byte offset, so a sample is never lost or repeated by a network
+error. What cannot be read becomes a per-sample failure kind instead of an exception.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ TRUNCATED_TAR = "truncated_tar"
 
 
 class ShardReader:
-    """Reads sample ranges; keeps one store (and so one S3 client) per shard folder."""
+    """Reads sample ranges; keeps one store (and so one S3 client) per shard folder.
+    ``retries``: botocore's retries per S3 request (``data.io_retries``)."""
 
     def __init__(self, retries: int = 8):
         self.retries = retries

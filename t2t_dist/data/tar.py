@@ -23,7 +23,7 @@ import tarfile
 BLOCK = 512
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 _REGULAR = (b"0", b"\0")
-_NEXT_MEMBER_HEADERS = (b"x", b"L", b"K")  # PAX extended, GNU long name / link: describe the next member
+_NEXT_MEMBER_HEADERS = (b"x", b"L", b"K")  # PAX extended, GNU long name/link: for the next member
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -38,7 +38,7 @@ def _padded(size: int) -> int:
 
 
 def _read_header(block: bytes, offset: int) -> tuple[str, int, bytes]:
-    """(name, data size, type flag) of one header block; ``tarfile.ReadError`` if it does not check out."""
+    """(name, data size, type flag) of a header block; ``tarfile.ReadError`` if it is not one."""
     try:
         checksum = int(block[148:156].strip(b"\0 ") or b"-1", 8)
         size = int(block[124:136].strip(b"\0 ") or b"0", 8)
