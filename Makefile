@@ -3,7 +3,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DATA := demo_data
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: venv demo test test-all models clean
@@ -18,11 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,mutation]"
 	touch $(STAMP)
 
-$(DEMO_DATA)/.done: $(STAMP)
-	$(BIN)/t2t-dist shards digits $(DEMO_DATA)
-	touch $@
-
-demo: $(DEMO_DATA)/.done
+# The job builds its digits shards itself on first use (in ~/.cache/t2t-dist).
+demo: $(STAMP)
 	$(BIN)/python jobs/pretrain.py --config jobs/configs/demo.yaml
 
 models: $(STAMP)
@@ -33,4 +29,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) runs mlflow.db mlartifacts
+	rm -rf $(VENV) runs mlflow.db mlartifacts

@@ -65,7 +65,8 @@ def losses(client, run_id):
 # Bad input: one line, before any Ray resources are taken, run directory left alone.
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "t2t_vit_99"], "model.name='t2t_vit_99' is invalid: expected one of t2t_vit_7"),
+    (["--model", "t2t_vit_99"], "model.name='t2t_vit_99' is invalid: did you mean t2t_vit_19 or "
+                                "t2t_vit_7 or t2t_vit_t_19? expected one of t2t_vit_7, t2t_vit_10"),
     (["--set", "engine.zero_stage=5"], "engine.zero_stage=5 is invalid: expected one of 0, 1, 2, 3"),
     (["--set", "optim.lr"], "override 'optim.lr' is invalid: expected section.field=value"),
     (["--set", "data.train_urls=/nowhere/x-{0000..0001}.tar"], "data.train_urls='/nowhere/x-"),

@@ -7,7 +7,7 @@ Precedence: dataclass defaults < YAML file < ``--model`` < ``--set a.b=c`` overr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,11 +18,12 @@ from t2t_dist.config.data import DataConfig
 from t2t_dist.config.model import ModelConfig
 from t2t_dist.config.train import (EngineConfig, OptimConfig, RunConfig, ScalingConfig,
                                    batch_split, check_precision_device)
+from t2t_dist.config.tune import TuneConfig, check_space_fields
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "ScalingConfig", "apply_overrides", "batch_split", "check_precision_device",
-    "flatten", "from_dict", "load_config", "save_config", "to_dict",
+    "RunConfig", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split", "check_precision_device",
+    "flatten", "from_dict", "load_config", "run_name", "save_config", "to_dict",
 ]
 
 
@@ -34,10 +35,21 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # used by jobs/sweep.py only
 
     def __post_init__(self) -> None:
         batch_split(self.data.global_batch, self.scaling.num_workers, self.engine.micro_batch)
         check_precision_device(self.engine.precision, self.scaling.use_gpu)
+        if self.tune.space:
+            sections = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tune"}
+            check_space_fields(self.tune, list(flatten(to_dict(sections))))
+
+
+def run_name(config: Config) -> str:
+    """``run.name``, or when empty one derived from what a checkpoint is tied to:
+    ``t2t_vit_14-224px-1000cls``."""
+    model = config.model
+    return config.run.name or f"{model.name}-{model.img_size}px-{model.num_classes}cls"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

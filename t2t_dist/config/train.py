@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from t2t_dist.config.base import ConfigError, check_choice, check_positive, check_range
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -31,11 +32,14 @@ def check_precision_device(precision: str, use_gpu: bool) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    optimizer: str = "adamw"  # "sgd": momentum SGD, the paper's transfer recipe
     lr: float = 5e-4  # at reference_batch; scaled linearly with data.global_batch
     reference_batch: int = 512
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    backbone_lr_scale: float = 1.0  # every parameter but the head trains at lr x this (0.01: transfer)
     epochs: int = 310  # total, cooldown included
     warmup_epochs: float = 10
     warmup_lr: float = 1e-6
@@ -45,7 +49,10 @@ class OptimConfig:
     ema_decay: float = 0.99996  # 0 disables the EMA weights
 
     def __post_init__(self) -> None:
+        check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
         check_positive("optim.lr", self.lr)
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_range("optim.backbone_lr_scale", self.backbone_lr_scale, 0.0)
         check_positive("optim.reference_batch", self.reference_batch)
         check_range("optim.weight_decay", self.weight_decay, 0.0)
         for i, beta in enumerate(self.betas):
@@ -84,7 +91,9 @@ class EngineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    name: str = "t2t-pretrain"  # submitting the same name again resumes the run
+    # Submitting the same name again resumes the run. "" = derived from what defines the
+    # checkpoint (model, image size, classes), so another --model starts another run.
+    name: str = ""
     storage_path: str = "./runs"  # local path, NFS mount or s3://bucket/prefix
     max_steps: int = 0  # stop early after this many optimizer steps; 0 = the full schedule
     log_every: int = 20  # steps
@@ -98,8 +107,8 @@ class RunConfig:
     seed: int = 0  # model init and dropout; the data order has data.seed
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            check_choice("run.name", self.name, ("a non-empty name without '/'",))
+        if "/" in self.name or self.name != self.name.strip():
+            check_choice("run.name", self.name, ("a name without '/' or surrounding spaces",))
         for name in ("max_steps", "eval_every", "checkpoint_every"):
             check_range(f"run.{name}", getattr(self, name), 0)
         check_positive("run.log_every", self.log_every)

@@ -8,7 +8,8 @@ the shard table), ``order`` (the epoch order), ``tar`` (our byte-offset tar read
 ``stream`` (Range reads of sample runs), ``transforms`` (CPU decode/crop), ``loader``
 (distributed resumable loaders), ``augment`` (device-side batch augmentation).
 Write and check: ``writer`` (ImageFolder -> shards, with webdataset's TarWriter), ``check``
-(read back and report, with webdataset's tar iterators), ``digits`` (demo data).
+(read back and report, with webdataset's tar iterators), ``digits`` and ``demo`` (the built-in
+demo data, ``digits://``).
 
 Names are imported on first use, so ``import t2t_dist.data.loader`` loads no writer code.
 """
@@ -22,6 +23,7 @@ _EXPORTS = {
     "BatchAugment": "augment", "normalize": "augment", "smooth_one_hot": "augment",
     "ShardReport": "check", "check_shards": "check",
     "make_digits_dataset": "digits",
+    "is_demo_url": "demo", "resolve_demo_urls": "demo",
     "SKIP_KINDS": "loader", "DataError": "loader", "ShardLoader": "loader",
     "build_train_loader": "loader", "build_val_loader": "loader",
     "ShardTable": "manifest", "check_shards_exist": "manifest", "load_shard_table": "manifest",

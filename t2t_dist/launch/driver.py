@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from t2t_dist.config import Config, save_config, to_dict
-from t2t_dist.launch.preflight import is_remote
+from t2t_dist.config import Config, run_name, to_dict
+from t2t_dist.launch.preflight import is_remote, save_resolved_config
 from t2t_dist.tracking import resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
@@ -32,25 +31,32 @@ def absolute_path(path: str, cwd: Path) -> str:
     return os.path.normpath(cwd / Path(path).expanduser())
 
 
-def absolute_urls(pattern: str, cwd: Path) -> str:
-    """Each local part of a shard pattern (parts split by whitespace or ``::``) made absolute."""
-    parts = re.split(r"(\s+|::)", pattern)  # odd items are the separators
-    return "".join(part if i % 2 else absolute_path(part, cwd) for i, part in enumerate(parts))
+def resolve_urls(pattern: str, *, cwd: Path, img_size: int) -> str:
+    """Shard URLs as workers anywhere can read them: ``digits://`` built in the cache, local
+    parts absolute; s3:// and other URLs as they are."""
+    from t2t_dist.data import is_demo_url, map_local_parts, resolve_demo_urls
+
+    if is_demo_url(pattern):
+        return resolve_demo_urls(pattern, img_size=img_size)
+    return map_local_parts(pattern, lambda part: absolute_path(part, cwd))
 
 
 def prepare(config: Config, cwd: str | Path | None = None) -> Config:
-    """Resolve what depends on where the driver runs: paths, shard URLs, tracking URI.
+    """Resolve what depends on where the driver runs: paths, shard URLs, tracking URI, run name.
 
     Workers may run elsewhere (another node, another working directory), so relative
-    paths become absolute here, once.
+    paths become absolute here, once. The built-in ``digits://`` data is built on first use.
     """
     cwd = Path(cwd or os.getcwd()).resolve()
-    run = dataclasses.replace(config.run, storage_path=absolute_path(config.run.storage_path, cwd),
+    run = dataclasses.replace(config.run, name=run_name(config),
+                              storage_path=absolute_path(config.run.storage_path, cwd),
                               tracking_uri=resolve_tracking_uri(config.run.tracking_uri, cwd))
     model = dataclasses.replace(config.model,
                                 pretrained=absolute_path(config.model.pretrained or "", cwd) or None)
-    data = dataclasses.replace(config.data, train_urls=absolute_urls(config.data.train_urls, cwd),
-                               val_urls=absolute_urls(config.data.val_urls, cwd))
+    img_size = config.model.img_size
+    data = dataclasses.replace(
+        config.data, train_urls=resolve_urls(config.data.train_urls, cwd=cwd, img_size=img_size),
+        val_urls=resolve_urls(config.data.val_urls, cwd=cwd, img_size=img_size))
     return dataclasses.replace(config, model=model, run=run, data=data)
 
 
@@ -123,17 +129,6 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
             resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=run_config,
     )
-
-
-def save_resolved_config(config: Config) -> str:
-    """Write the resolved config next to the run's checkpoints (local storage only)."""
-    if is_remote(config.run.storage_path):
-        return ""
-    run_dir = Path(config.run.storage_path) / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "t2t_config.yaml"
-    save_config(config, path)
-    return str(path)
 
 
 def launch(config: Config):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
-from t2t_dist.config import Config, ConfigError
+import yaml
+
+from t2t_dist.config import Config, ConfigError, flatten, to_dict
 
 
 def is_remote(path: str) -> bool:
@@ -12,44 +15,73 @@ def is_remote(path: str) -> bool:
 
 
 def check_shards_resolve(field: str, pattern: str):
-    """Every shard of ``pattern`` is in its manifest and exists; returns the ``ShardTable``.
+    """``check_shards_exist`` with its errors as one-line ConfigErrors naming the field."""
+    from t2t_dist.data import check_shards_exist
 
-    Reads manifests and one listing per shard folder, never a shard. Missing files, a bad
-    pattern and unreadable S3 (credentials, endpoint) all become one-line ConfigErrors.
-    """
-    from t2t_dist.data import load_shard_table
-    from t2t_dist.storage import split_url
-
-    if not pattern:
-        raise ConfigError(f"data.{field} is empty: expected shard URLs such as "
-                          f"s3://bucket/train/name-{{0000..1023}}.tar or a local pattern "
-                          f"(`make demo` writes demo_data/)")
     try:
-        table = load_shard_table(pattern)
-        listings: dict[str, set[str]] = {}
-        for url in table.urls:
-            folder, _, name = url.rpartition("/")
-            if folder not in listings:
-                store, _ = split_url(url)
-                listings[folder] = set(store.list())
-            if name not in listings[folder]:
-                raise FileNotFoundError(f"shard {url} does not exist")
+        return check_shards_exist(pattern)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"data.{field}={pattern!r} is invalid: {error}") from None
     except Exception as error:  # botocore: no credentials, endpoint unreachable, access denied
         raise ConfigError(f"data.{field}={pattern!r} cannot be read: {type(error).__name__}: "
                           f"{error} (check AWS credentials and AWS_ENDPOINT_URL)") from None
-    return table
+
+
+# What a checkpoint is tied to: resuming a run with another value of these cannot work.
+DEFINING_FIELDS = ("model.name", "model.img_size", "model.num_classes", "engine.zero_stage")
+DEFINING_SECTIONS = ("model.",)  # plus architecture overrides a sweep may set
+MAY_CHANGE = {"model.pretrained", "model.compile", "model.attention", "model.drop_path_rate"}
+SAVED_CONFIG = "t2t_config.yaml"
+
+
+def _run_store(config: Config):
+    from t2t_dist.storage import open_store
+
+    return open_store(f"{config.run.storage_path.rstrip('/')}/{config.run.name}")
+
+
+def save_resolved_config(config: Config) -> str:
+    """Write the resolved config beside the run's checkpoints; returns its URL."""
+    store = _run_store(config)
+    store.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    return store.url(SAVED_CONFIG)
+
+
+def check_resumable(config: Config) -> None:
+    """A run name that already holds another model's checkpoints is refused, in one line."""
+    store = _run_store(config)
+    try:
+        saved = flatten(yaml.safe_load(store.get(SAVED_CONFIG)) or {})
+    except FileNotFoundError:
+        return  # a new run
+    wanted = flatten(to_dict(config))
+    keys = [key for key in wanted if key in DEFINING_FIELDS or (
+        key.startswith(DEFINING_SECTIONS) and key not in MAY_CHANGE)]
+    differ = [key for key in keys if key in saved and saved[key] != wanted[key]]
+    if differ:
+        was = ", ".join(f"{key}={saved[key]!r}" for key in differ)
+        now = ", ".join(f"{key}={wanted[key]!r}" for key in differ)
+        raise ConfigError(f"run.name={config.run.name!r} is invalid: {store.url('')} holds a run "
+                          f"with {was}, this config has {now}; expected the same to resume it "
+                          f"(start another run with --set run.name=NEW or another "
+                          f"run.storage_path)")
+
+
+def check_model_name(name: str) -> None:
+    """An unknown variant lists the nearest names first, then all of them."""
+    from t2t_dist.models import list_models
+
+    names = list_models()
+    if name in names:
+        return
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise ConfigError(f"model.name={name!r} is invalid: {hint}expected one of {', '.join(names)}")
 
 
 def preflight(config: Config) -> None:
     """Fail in one line, before any cluster resources are taken, on what would fail later."""
-    from t2t_dist.models import list_models
-
-    names = list_models()
-    if config.model.name not in names:
-        raise ConfigError(f"model.name={config.model.name!r} is invalid: expected one of "
-                          f"{', '.join(names)}")
+    check_model_name(config.model.name)
     pretrained = config.model.pretrained
     if pretrained and not is_remote(pretrained) and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r} is invalid: expected an existing "
@@ -62,3 +94,4 @@ def preflight(config: Config) -> None:
     if len(train.classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: expected "
                           f"{len(train.classes)}, the classes of the training shards")
+    check_resumable(config)

@@ -1,0 +1,134 @@
+"""The documented commands as a user types them: another --model after the demo, the default job
+under `ray job submit` with and without --working-dir, built-in demo data, near-miss names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t2t_dist.config import ConfigError, load_config, run_name, to_dict
+from t2t_dist.launch import prepare, preflight
+from t2t_dist.launch.preflight import check_resumable, save_resolved_config
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+# The demo as a user runs it, cut to two steps so a test can afford it.
+SHORT = ["--set", "run.max_steps=2", "--set", "run.log_model=false", "--set", "run.max_failures=0",
+         "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0"]
+
+
+def test_run_name_follows_the_model_unless_given():
+    demo = load_config(DEMO)
+    assert run_name(demo) == "t2t_vit_mini-32px-10cls"
+    assert run_name(load_config(DEMO, model="t2t_vit_24")) == "t2t_vit_24-32px-10cls"
+    assert run_name(load_config(DEMO, overrides=["run.name=mine"])) == "mine"
+
+
+def test_resuming_another_model_is_refused_in_one_line(tmp_path):
+    first = load_config(DEMO, overrides=[f"run.storage_path={tmp_path}", "run.name=shared"])
+    save_resolved_config(first)
+    check_resumable(load_config(DEMO, overrides=[  # what may change on resume
+        f"run.storage_path={tmp_path}", "run.name=shared", "optim.lr=1e-3", "optim.epochs=20",
+        "scaling.num_workers=1", "run.eval_every=5", "model.drop_path_rate=0.1"]))
+    other = load_config(DEMO, model="t2t_vit_24",
+                        overrides=[f"run.storage_path={tmp_path}", "run.name=shared"])
+    with pytest.raises(ConfigError) as refused:
+        check_resumable(other)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "model.name='t2t_vit_mini'" in message and "model.name='t2t_vit_24'" in message
+    assert "--set run.name=NEW" in message
+    assert (tmp_path / "shared" / "t2t_config.yaml").read_text() == yaml.safe_dump(
+        to_dict(first), sort_keys=False)  # the refusal wrote nothing
+
+
+def test_unknown_model_suggests_the_nearest_names():
+    config = load_config(DEMO, model="t2t_vit14")
+    with pytest.raises(ConfigError, match=r"did you mean t2t_vit_14 or .*expected one of t2t_vit_7"):
+        preflight(config)
+
+
+def test_demo_data_is_built_once_in_the_cache_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2T_DIST_CACHE", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    results: list = []
+
+    def resolve():  # two jobs at once: one builds, the other waits on the lock
+        results.append(prepare(load_config(DEMO), cwd=elsewhere).data)
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(results) == 2 and results[0] == results[1]
+    data = results[0]
+    root = tmp_path / "cache" / "digits-32px"
+    assert data.train_urls == f"{root}/train/digits-train-{{0000..0007}}.tar"
+    assert json.loads((root / "patterns.json").read_text())["val"] == data.val_urls
+    preflight(prepare(load_config(DEMO), cwd=elsewhere))  # the shards resolve
+    with pytest.raises(ValueError, match=r"'digits://test' is invalid: expected digits://train"):
+        prepare(load_config(DEMO, overrides=["data.val_urls=digits://test"]))
+
+
+def _job_env(cluster, cache: Path, tracking: str) -> dict[str, str]:
+    return {**cluster.env(), "T2T_DIST_CACHE": str(cache), "MLFLOW_TRACKING_URI": tracking}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_another_model_after_the_demo_starts_its_own_run(ray_cluster, tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    env = _job_env(ray_cluster, tmp_path / "cache", tracking)
+    job = [sys.executable, str(REPO / "jobs" / "pretrain.py"), *SHORT]
+    demo = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
+    assert "finished t2t_vit_mini-32px-10cls: step 2" in demo.stdout
+
+    other = subprocess.run(job + ["--model", "t2t_vit_tiny", "--set", "scaling.num_workers=1"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = other.stdout + other.stderr
+    assert other.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "resumed at step" not in output
+    assert "finished t2t_vit_tiny-32px-10cls: step 2" in other.stdout
+
+    # The same run name for another model: refused in one line, before Ray, nothing touched.
+    saved = (tmp_path / "runs" / "t2t_vit_mini-32px-10cls" / "t2t_config.yaml").read_text()
+    clash = subprocess.run(job + ["--model", "t2t_vit_tiny", "--set", "run.name=t2t_vit_mini-32px-10cls"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert clash.returncode == 2
+    assert clash.stderr.count("\n") == 1 and "expected the same to resume it" in clash.stderr
+    assert (tmp_path / "runs" / "t2t_vit_mini-32px-10cls" / "t2t_config.yaml").read_text() == saved
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("working_dir", [True, False], ids=["working-dir", "no-working-dir"])
+def test_default_job_under_ray_job_submit(ray_cluster, tmp_path, working_dir):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    runtime_env = {"env_vars": {"T2T_DIST_CACHE": str(tmp_path / "cache"),
+                                "MLFLOW_TRACKING_URI": tracking}}
+    submission = f"t2t-first-{uuid.uuid4().hex[:8]}"
+    script = "jobs/pretrain.py" if working_dir else str(REPO / "jobs" / "pretrain.py")
+    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+               "--submission-id", submission, "--runtime-env-json", json.dumps(runtime_env),
+               *(["--working-dir", "."] if working_dir else []), "--",
+               "python", script, *SHORT, "--set", f"run.storage_path={tmp_path}/runs"]
+    done = subprocess.run(command, cwd=REPO if working_dir else tmp_path, env=ray_cluster.env(),
+                          capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert f"Job '{submission}' succeeded" in output
+    assert "finished t2t_vit_mini-32px-10cls: step 2" in output
+    assert (tmp_path / "cache" / "digits-32px" / "patterns.json").is_file()
+    assert os.path.isdir(tmp_path / "runs" / "t2t_vit_mini-32px-10cls")
