@@ -4,8 +4,9 @@
                                  device_type="cuda")
     engine = build_engine(model, config, world_size=8, device=torch.device("cuda", 0))
 
-The optimizer is always a client ``torch.optim.AdamW`` with our no-decay groups, so no
-DeepSpeed op (FusedAdam, CPUAdam) is ever compiled; the LR is set per step by the loop.
+The optimizer is always a client torch optimizer (AdamW, or SGD for transfer) with our
+no-decay groups, so no DeepSpeed op (FusedAdam, CPUAdam) is ever compiled; the LR is set
+per step by the loop.
 """
 
 from __future__ import annotations
@@ -67,10 +68,16 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: 
     return config
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the recipe's no-decay groups."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                             betas=tuple(optim.betas), eps=optim.eps, foreach=False)
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum, the transfer recipe) over the trainable parameters, with
+    the recipe's no-decay groups and the backbone's ``lr_scale``."""
+    groups = param_groups(model, optim.weight_decay, optim.backbone_lr_scale)
+    for group in groups:  # right from the start; set_lr keeps the same ratio per step
+        group["lr"] = optim.lr * group["lr_scale"]
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, foreach=False)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             foreach=False)
 
 
 def _venv_ninja_first() -> None:
@@ -115,9 +122,10 @@ def engine_dtype(engine) -> torch.dtype:
 
 
 def set_lr(engine, lr: float) -> None:
-    """Set the LR of every parameter group for the next optimizer step."""
+    """Set the LR of every parameter group for the next optimizer step: ``lr`` times the
+    group's ``lr_scale`` (the backbone's share in transfer learning; 1 otherwise)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Nothing here knows about DeepSpeed or a process group; the engine wraps what these build.
 
-    groups = param_groups(model, weight_decay=0.05)
+    groups = param_groups(model, weight_decay=0.05)              # + backbone_lr_scale=0.01
     schedule = LRSchedule.from_config(config.optim, global_batch=512, steps_per_epoch=2502)
     lr = schedule(step)            # the LR of optimizer step ``step`` (0-based)
     ema = WeightEma(model.state_dict(), decay=0.99996); ema.update(model.state_dict())
@@ -37,17 +37,27 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups (decay, no decay); frozen tensors (``requires_grad=False``) left out."""
+HEAD_PREFIX = "head."  # the classifier; transfer learning trains it at the full LR
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups: (decay, no decay), each split into head and backbone when
+    ``backbone_lr_scale`` != 1; frozen tensors (``requires_grad=False``) left out.
+
+    Every group carries ``lr_scale`` (1 for the head, ``backbone_lr_scale`` for the rest):
+    ``engine.set_lr`` multiplies the scheduled LR by it, so the ratio holds on every step.
+    Empty groups are dropped.
+    """
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    split = backbone_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (decays, head): [] for decays in (True, False) for head in ((False, True) if split else (False,))}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            groups[(name not in skip, split and name.startswith(HEAD_PREFIX))].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr_scale": 1.0 if head else backbone_lr_scale}
+            for (decays, head), params in groups.items() if params]
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int) -> float:
