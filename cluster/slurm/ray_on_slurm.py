@@ -144,7 +144,7 @@ def raise_stop(signum, _frame):
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("T2T_RAY_PORT_BASE", 0)),
                         help="explicit Ray ports base..base+999 (shared nodes); 0 = Ray's defaults")
     parser.add_argument("--temp-root", default=os.environ.get("T2T_RAY_TEMP_ROOT", "/tmp"),
