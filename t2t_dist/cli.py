@@ -41,6 +41,13 @@ def _shards_digits(args: argparse.Namespace) -> None:
     print(f"digits shards: train={urls['train']} val={urls['val']}")
 
 
+def _sweep_report(args: argparse.Namespace) -> None:
+    from t2t_dist.launch.report import sweep_report
+    from t2t_dist.tracking import resolve_tracking_uri
+
+    print(sweep_report(args.name, resolve_tracking_uri(args.tracking_uri)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2t-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("dest", help="local folder or s3://bucket/prefix")
     digits.add_argument("--img-size", type=int, default=64, help="side of the upscaled JPEGs")
     digits.set_defaults(func=_shards_digits)
+
+    sweep = commands.add_parser("sweep", help="results of Ray Tune sweeps (jobs/sweep.py)")
+    sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True)
+    report = sweep_commands.add_parser("report", help="results table from MLflow, best first, "
+                                                      "and the plot's path")
+    report.add_argument("name", help="the sweep's tune.name")
+    report.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or "
+                                                           "sqlite:///mlflow.db")
+    report.set_defaults(func=_sweep_report)
     return parser
 
 

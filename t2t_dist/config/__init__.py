@@ -22,8 +22,8 @@ from t2t_dist.config.tune import TuneConfig, check_space_fields
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split", "check_precision_device",
-    "flatten", "from_dict", "load_config", "run_name", "save_config", "to_dict",
+    "RunConfig", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split",
+    "check_precision_device", "flatten", "from_dict", "load_config", "run_name", "save_config", "to_dict",
 ]
 
 

@@ -33,7 +33,7 @@ def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
     """The variant ``model.name`` with this run's image size, classes and drop path, and the
     ``model.pretrained`` weights when ``pretrained``."""
     model_cfg = config.model
-    model = create_model(model_cfg.name, img_size=model_cfg.img_size,
+    model = create_model(model_cfg.name, **model_cfg.architecture(), img_size=model_cfg.img_size,
                          num_classes=model_cfg.num_classes,
                          drop_path_rate=model_cfg.drop_path_rate, attention=model_cfg.attention)
     if pretrained and model_cfg.pretrained:
@@ -42,7 +42,14 @@ def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
 
 
 def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
-    """Hand this rank's checkpoint folder to Ray Train, which merges all ranks' folders."""
+    """Hand this rank's checkpoint folder to Ray Train, which merges all ranks' folders.
+
+    The worker group's placement group id rides along: a sweep whose trial Tune stops early
+    frees it by id (Ray would keep it until the driver exits, upstream ray#54305).
+    """
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        metrics = {**metrics, "placement_group_id": group.id.hex()}
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=f"checkpoint_step_{step:08d}")
 

@@ -13,9 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from t2t_dist.config.base import ConfigError, check_choice, check_positive, check_range, fail
-
-TOKENIZERS = ("performer", "transformer", "convolution", "patch")
-BLOCKS = ("standard", "se", "ghost", "dense")
+from t2t_dist.config.model import BLOCKS, TOKENIZERS
 ATTENTIONS = ("sdpa", "eager")
 POS_EMBEDS = ("sinusoid", "learned")
 

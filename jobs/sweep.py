@@ -1,0 +1,44 @@
+"""Sweep the pretraining job with Ray Tune: each trial a full Ray Train run, logged to MLflow.
+
+    python jobs/sweep.py --config jobs/configs/sweep_hparams.yaml
+    python jobs/sweep.py --config jobs/configs/sweep_depth_width.yaml --set scaling.num_workers=8
+
+Running the same command again (same ``tune.name``) continues the sweep: finished trials
+are kept, an interrupted trial resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2t_dist.config import ConfigError, load_config
+from t2t_dist.launch import prepare, preflight
+from t2t_dist.launch.tune import check_sweep, run_sweep
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True,
+                        help="YAML run config with a tune section (jobs/configs/sweep_*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override one config value (repeat)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = prepare(load_config(args.config, overrides=args.overrides))
+        preflight(config)
+        checked = check_sweep(config)
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 2
+    print(f"sweep {config.tune.name}: {checked} value combinations checked", flush=True)
+    print(run_sweep(config), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
