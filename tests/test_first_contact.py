@@ -99,7 +99,11 @@ def test_another_model_after_the_demo_starts_its_own_run(ray_cluster, tmp_path):
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = other.stdout + other.stderr
     assert other.returncode == 0, output[-3000:]
-    assert "Traceback" not in output and "resumed at step" not in output
+    # Ray's own detached PlacementGroupCleaner logs a traceback when several Ray clusters run
+    # on one host (it cannot tell which is its own): not ours, and not seen with one cluster.
+    ours = [line for line in output.splitlines() if "PlacementGroupCleaner" not in line]
+    assert not [line for line in ours if "Traceback" in line], output[-3000:]
+    assert "resumed at step" not in output
     assert "finished t2t_vit_tiny-32px-10cls: step 2" in other.stdout
 
     # The same run name for another model: refused in one line, before Ray, nothing touched.
