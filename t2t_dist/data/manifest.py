@@ -113,7 +113,7 @@ def check_shards_exist(pattern: str) -> ShardTable:
     if not pattern.strip():
         raise ValueError("shard pattern is empty: expected shard URLs such as "
                          "s3://bucket/train/name-{0000..1023}.tar or a local pattern "
-                         "(`make demo` writes demo_data/)")
+                         "(or digits://train and digits://val, the built-in demo data)")
     table = load_shard_table(pattern)
     listings: dict[str, set[str]] = {}
     for url in table.urls:
