@@ -63,6 +63,14 @@ def _normalize(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, A
     return flat
 
 
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a range bound is a number."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 def _check_entry(name: str, entry: dict[str, Any], search: str) -> dict[str, Any]:
     """Validate one entry's shape against its kind and the search; returns it (groups flat)."""
     kind, values = next(iter(entry.items()))
@@ -79,6 +87,7 @@ def _check_entry(name: str, entry: dict[str, Any], search: str) -> dict[str, Any
                 fail(label, kind, "plain values with tune.search='optuna' (a group needs grid "
                                   "or random search)")
     else:
+        values = [_number(v) for v in values] if isinstance(values, list) else values
         numbers = isinstance(values, list) and len(values) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if not numbers or values[0] >= values[1] + (kind == "randint"):
