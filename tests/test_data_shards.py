@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 
 from t2t_dist.data import check_shards, expand_urls, load_shard_table, manifest_pattern, write_shards
@@ -152,3 +153,44 @@ def test_digits_demo_dataset(tmp_path):
     assert train.classes == tuple(str(d) for d in range(10))
     report = check_shards(patterns["val"])
     assert report.ok and len(report.labels) == 10  # stratified: every digit in val
+
+
+def test_encode_image_keeps_rgb_and_gray_jpegs_reencodes_the_rest(tmp_path):
+    from PIL import Image
+
+    from t2t_dist.data.writer import encode_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    files = {"rgb.jpg": ("RGB", "JPEG"), "gray.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG"),
+             "png.jpg": ("RGBA", "PNG")}
+    for name, (mode, fmt) in files.items():
+        channels = {"RGB": 3, "L": 1, "CMYK": 4, "RGBA": 4}[mode]
+        Image.fromarray(pixels[..., :channels].squeeze(), mode).save(tmp_path / name, format=fmt)
+    for name, (mode, _) in files.items():
+        jpeg, width, height = encode_image(str(tmp_path / name), None)
+        assert (width, height) == (30, 20)
+        kept = jpeg == (tmp_path / name).read_bytes()
+        assert kept == (mode in ("RGB", "L")), name  # as-is: no second JPEG loss
+        with Image.open(io.BytesIO(jpeg)) as image:
+            assert image.format == "JPEG" and image.mode == ("L" if mode == "L" else "RGB")
+    whole = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(OSError):
+        encode_image(str(tmp_path / "cut.jpg"), None)
+
+
+def test_check_progress_and_shard_missing_from_manifest(image_tree, tmp_path):
+    out = tmp_path / "out"
+    write_shards(image_tree(10, classes=2), out, prefix="m", samples_per_shard=4, processes=1)
+    (out / "m-0003.tar").write_bytes((out / "m-0002.tar").read_bytes())  # a shard not listed
+
+    class Counting:
+        total, n = None, 0
+
+        def update(self, n):
+            self.n += n
+
+    progress = Counting()
+    report = check_shards(f"{out}/m-{{0000..0003}}.tar", progress=progress)
+    assert (progress.total, progress.n) == (10, 12)  # the manifest's 10, the extra shard's 2
+    assert [s.error for s in report.shards] == ["", "", "", "not in the manifest (3 shards)"]

@@ -110,8 +110,10 @@ def _samples(stream, url: str):
     return group_by_keys(members, keys=split_member, handler=_raise)
 
 
-def _tally(check: ShardCheck, fields: dict, labels: Counter) -> None:
+def _tally(check: ShardCheck, fields: dict, labels: Counter, progress) -> None:
     check.samples += 1
+    if progress is not None:
+        progress.update(1)
     check.corrupt += not _image_ok(sample_image(fields))
     label = sample_label(fields)
     if label is None:
@@ -120,8 +122,9 @@ def _tally(check: ShardCheck, fields: dict, labels: Counter) -> None:
         labels[label] += 1
 
 
-def check_shard(url: str, labels: Counter) -> ShardCheck:
-    """Stream one shard start to end, decoding every image; a cut shard's last sample is left out."""
+def check_shard(url: str, labels: Counter, progress=None) -> ShardCheck:
+    """Stream one shard start to end, decoding every image; a cut shard's last sample is left out.
+    ``progress.update(1)`` (tqdm-like) is called per sample."""
     check = ShardCheck(url)
     store, name = split_url(url)
     index = TarIndex()
@@ -130,7 +133,7 @@ def check_shard(url: str, labels: Counter) -> ShardCheck:
         with store.open_read(name) as stream:
             for fields in _samples(_Tee(stream, index), url):
                 if held is not None:
-                    _tally(check, held, labels)
+                    _tally(check, held, labels, progress)
                 held = fields
             streamed = True  # at the end-of-archive block, or at a header tarfile took for it
             while not (index.ended or index.error) and (rest := stream.read(1 << 20)):
@@ -144,35 +147,45 @@ def check_shard(url: str, labels: Counter) -> ShardCheck:
     except ValueError as error:  # webdataset: a member name twice in one sample
         check.error = f"unreadable: {error.args[0]}"  # webdataset appends (stream, url) to args
     if held is not None and not (streamed and check.error):
-        _tally(check, held, labels)
+        _tally(check, held, labels, progress)
     if not check.error and len(check.offsets) != check.samples + 1:
         check.error = (f"unreadable: {check.samples} samples by webdataset, "
                        f"{len(check.offsets) - 1} by the tar headers")
     return check
 
 
-def check_shards(url_pattern: str, *, write_manifest: bool = False) -> ShardReport:
+def check_shards(url_pattern: str, *, write_manifest: bool = False,
+                 progress=None) -> ShardReport:
     """Read every shard a pattern names; report samples, classes, corrupt and unlabeled samples.
 
     Compares sample counts with the manifest when there is one. ``write_manifest=True``
     writes ``<prefix>.manifest.json`` next to shards written by other tools (e.g. the
-    public imagenet-1k-wds shards) so the loader can read them.
+    public imagenet-1k-wds shards) so the loader can read them. ``progress``: a tqdm-like
+    object; its ``total`` is set to the manifest's sample count when there is a manifest,
+    then ``update(1)`` is called per sample read.
     """
     urls = expand_urls(url_pattern)
-    labels: Counter = Counter()
-    checks = [check_shard(url, labels) for url in urls]
-    num_classes = None
     try:
         manifest = read_manifest(manifest_url(urls[0]))
-        num_classes = manifest["num_classes"]
         expected = {entry["name"]: entry["samples"] for entry in manifest["shards"]}
-        for check in checks:
-            count = expected.get(check.url.rpartition("/")[2])
-            if not check.error and count != check.samples:
-                check.error = f"manifest says {count} samples"
-    except (FileNotFoundError, ValueError):
-        if write_manifest:
-            _write_manifest(urls, checks, labels)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not one of ours
+        manifest, expected = None, None
+    names = [url.rpartition("/")[2] for url in urls]
+    if progress is not None and expected is not None:
+        progress.total = sum(expected.get(name, 0) for name in names)
+    labels: Counter = Counter()
+    checks = [check_shard(url, labels, progress) for url in urls]
+    if expected is not None:
+        for check, name in zip(checks, names):
+            if check.error:
+                continue
+            if name not in expected:
+                check.error = f"not in the manifest ({len(expected)} shards)"
+            elif expected[name] != check.samples:
+                check.error = f"manifest says {expected[name]} samples"
+    elif write_manifest:
+        _write_manifest(urls, checks, labels)
+    num_classes = manifest.get("num_classes") if manifest is not None else None
     return ShardReport(url_pattern, checks, labels, num_classes)
 
 
