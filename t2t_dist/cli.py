@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 
 from t2t_dist.config import ConfigError
+
+PROGRESS_EVERY_S = 30.0  # shards write/check: seconds between progress lines in logs
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -15,20 +19,79 @@ def _models(args: argparse.Namespace) -> None:
     print(format_model_table(args.names or None))
 
 
+class _ProgressLines:
+    """A tqdm stand-in for logs (stderr not a terminal): one line every ``every`` seconds, with
+    the count, rate and ETA tqdm would show, and a last line on ``close()``."""
+
+    def __init__(self, desc: str, every: float):
+        self.desc, self.every, self.n, self.total = desc, every, 0, None
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._print(now)
+
+    def close(self) -> None:
+        self._print(time.monotonic())
+
+    def _print(self, now: float) -> None:
+        from tqdm import tqdm
+
+        elapsed = now - self.start
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        line = f"{self.desc}: {self.n:,}"
+        if self.total:
+            line += f"/{self.total:,} images ({100 * self.n / self.total:.0f}%)"
+        else:
+            line += " images"
+        line += f", {rate:.1f} img/s, elapsed {tqdm.format_interval(elapsed)}"
+        if self.total and rate > 0:
+            line += f", ETA {tqdm.format_interval((self.total - self.n) / rate)}"
+        print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(desc: str, every: float):
+    """A tqdm bar (images/s, ETA) on a terminal, else ``_ProgressLines``; none if every <= 0."""
+    if every <= 0:
+        yield None
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+    else:
+        bar = _ProgressLines(desc, every)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def _shards_write(args: argparse.Namespace) -> None:
     from t2t_dist.data import manifest_pattern, write_shards
+    from t2t_dist.data.writer import bad_files_url
 
-    manifest = write_shards(args.src, args.dest, prefix=args.prefix,
-                            samples_per_shard=args.samples_per_shard, max_side=args.max_side,
-                            processes=args.processes, shuffle_seed=args.seed)
+    with _progress("shards write", args.progress_every) as progress:
+        manifest = write_shards(args.src, args.dest, prefix=args.prefix,
+                                samples_per_shard=args.samples_per_shard, max_side=args.max_side,
+                                processes=args.processes, shuffle_seed=args.seed,
+                                strict=args.strict, progress=progress)
+    bad = manifest["bad_files"]
     print(f"wrote {manifest['num_samples']} samples of {len(manifest['classes'])} classes "
-          f"in {len(manifest['shards'])} shards: {manifest_pattern(args.dest, manifest)}")
+          f"in {len(manifest['shards'])} shards, skipped {bad} bad files"
+          f"{f' (see {bad_files_url(args.dest, args.prefix)})' if bad else ''}: "
+          f"{manifest_pattern(args.dest, manifest)}")
 
 
 def _shards_check(args: argparse.Namespace) -> None:
     from t2t_dist.data import check_shards
 
-    report = check_shards(args.urls, write_manifest=args.write_manifest)
+    with _progress("shards check", args.progress_every) as progress:
+        report = check_shards(args.urls, write_manifest=args.write_manifest, progress=progress)
     print(report)
     if not report.ok:
         sys.exit(1)
@@ -67,11 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-resize so the shorter side is at most this many pixels")
     write.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     write.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")
+    write.add_argument("--strict", action="store_true",
+                       help="stop at the first file that is not a usable image (default: skip "
+                            "it and list it in <prefix>.bad-files.json beside the manifest)")
+    write.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                       help="when stderr is not a terminal, a progress line every SECONDS "
+                            "(0: none); on a terminal, a progress bar")
     write.set_defaults(func=_shards_write)
     check = shard_commands.add_parser("check", help="read shards back and report")
     check.add_argument("urls", help="e.g. s3://bucket/train/imagenet1k-train-{0000..1023}.tar")
     check.add_argument("--write-manifest", action="store_true",
                        help="write the manifest readers need (for shards made by other tools)")
+    check.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                       help="when stderr is not a terminal, a progress line every SECONDS "
+                            "(0: none); on a terminal, a progress bar")
     check.set_defaults(func=_shards_check)
     digits = shard_commands.add_parser("digits", help="scikit-learn digits as demo shards")
     digits.add_argument("dest", help="local folder or s3://bucket/prefix")
