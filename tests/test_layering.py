@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "t2t_dist"
 LAYERS = ["config", "data", "models", "optim", "engine", "checkpoint", "loop", "tracking",
-          "launch", "cli"]
+          "export", "launch", "cli"]
 LEAVES = {"dist", "storage", "__init__"}  # importable from anywhere; they import only config
 FORBIDDEN_IN_MODELS = ("deepspeed", "ray", "mlflow", "boto3", "botocore")
 
