@@ -261,7 +261,8 @@ def make_callback(config: Config, experiment: str):
                 status, reason = ("FINISHED", "completed") if finished else ("KILLED",
                                                                              "early-stopped")
             client.set_tag(child.info.run_id, STATUS_TAG, reason)
-            client.set_terminated(child.info.run_id, status=status)
+            if child.info.status != status:  # a completed run was closed by its worker
+                client.set_terminated(child.info.run_id, status=status)
 
     return CloseTrialRuns(config.run.tracking_uri, experiment)
 
