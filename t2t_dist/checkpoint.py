@@ -5,24 +5,41 @@ by Ray Train into one persistent directory:
 
     state/                      DeepSpeed: model + every rank's ZeRO optimizer shards
     latest                      DeepSpeed's pointer to ``state``
-    client/rank_00000.pt        per rank: step, epoch, data-loader position, RNG states
     ema.pt                      rank 0: the EMA weights (identical on every rank)
+    client/rank_00000.pt        per rank, written last: step, epoch, data-loader position,
+                                RNG states, samples seen per epoch, and the size of every
+                                file this rank wrote (the rank's commit marker)
 
     checkpointer = Checkpointer(engine, loader=train_loader, ema=ema, publish=publish)
     checkpointer.commit(step=step, epoch=epoch, metrics=metrics)   # save + hand to Ray Train
     progress = checkpointer.restore(ray.train.get_checkpoint())     # None on a fresh start
 
-``publish(metrics, directory, step)`` is the launcher's hand-over (``ray.train.report`` with
-the directory); this module itself imports no ray. ``save``/``load`` work on plain folders.
+When a checkpoint counts as written: Ray Train V2 registers a reported checkpoint (and so
+can hand it back as the latest) only once every rank's ``report`` arrived, and a rank
+reports only after its upload finished (``report_handler.after_worker_group_poll_status``
+waits for all ranks). A partly uploaded checkpoint never becomes the latest. What can still
+go wrong afterwards (a truncated or deleted file in storage, a rank's part missing) is caught
+by ``missing_parts``: ``restore`` then warns in one line and falls back to the next older
+checkpoint of the run.
+
+Another number of workers: ZeRO shards are partitioned by world size, so ``load`` converts
+the checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and Adam moments)
+in a local temp folder and loads that; the loader's position is global, so the data order
+continues exactly. ``publish(metrics, directory, step)`` is the launcher's hand-over
+(``ray.train.report``); this module itself imports no ray. ``save``/``load`` work on plain folders.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +48,9 @@ from t2t_dist import dist
 from t2t_dist.optim import WeightEma
 
 DEEPSPEED_TAG = "state"  # one DeepSpeed checkpoint per directory, so a fixed tag
+UNIVERSAL_TAG = "state_universal"
+CHECKPOINT_PREFIX = "checkpoint_step_"  # Ray Train folder names: checkpoint_step_00000120
+FINGERPRINT_MODULUS = 2**31 - 1  # a prime; sums of per-sample fingerprints stay in int64
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,11 +74,142 @@ def client_path(directory: str | Path, rank: int) -> Path:
     return Path(directory) / "client" / f"rank_{rank:05d}.pt"
 
 
+def sample_fingerprints(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One number per sample (B,) from its label and a strided sample of its uint8 pixels.
+
+    Crops are a pure function of (data.seed, epoch, position), so the same sample at the same
+    position always gives the same number; sums of these are order-free, so an epoch's sum
+    says whether exactly the same multiset of samples was trained on.
+    """
+    pixels = images.reshape(images.shape[0], -1)[:, ::31].to(torch.int64)  # (B, P)
+    weights = torch.arange(1, pixels.shape[1] + 1, dtype=torch.int64) * 2654435761 % 1000003
+    return ((pixels * weights).sum(dim=1) * 7 + labels.to(torch.int64) + 1) % FINGERPRINT_MODULUS
+
+
+class SampleLedger:
+    """Training samples seen per epoch, summed over ranks: a count and an order-free fingerprint.
+
+    ``add`` counts this rank's batches; ``sync`` (a collective, called by every rank at each
+    save) folds every rank's new counts into the global totals, so the totals carry over to
+    any number of workers. After a full epoch, ``count`` equals the epoch's samples and the
+    fingerprint equals an uninterrupted run's: no sample repeated, none skipped.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[int, list[int]] = {}  # epoch -> [samples, fingerprint sum]
+        self._pending: dict[int, list[int]] = {}  # this rank, since the last sync
+
+    def add(self, epoch: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        pending = self._pending.setdefault(epoch, [0, 0])
+        for images, labels in batches:
+            pending[0] += int(labels.shape[0])
+            pending[1] = (pending[1] + int(sample_fingerprints(images, labels).sum())) % FINGERPRINT_MODULUS
+
+    def sync(self) -> None:
+        """Fold every rank's pending counts into the totals (every rank calls this)."""
+        epochs = torch.tensor(sorted(self._pending), dtype=torch.int64)
+        # Ranks are in step, so they hold the same epochs; the sum over ranks checks it.
+        size = torch.tensor([len(epochs)], dtype=torch.int64)
+        dist.all_reduce_sum(size)
+        if int(size) != len(epochs) * dist.world_size():
+            raise RuntimeError(f"ranks counted samples of different epochs: {epochs.tolist()}")
+        counts = torch.tensor([self._pending[int(e)] for e in epochs], dtype=torch.int64).reshape(-1, 2)
+        dist.all_reduce_sum(counts)
+        for epoch, (samples, fingerprint) in zip(epochs.tolist(), counts.tolist()):
+            total = self.totals.setdefault(epoch, [0, 0])
+            total[0] += samples
+            total[1] = (total[1] + fingerprint) % FINGERPRINT_MODULUS
+        self._pending.clear()
+
+    def count(self, epoch: int) -> int:
+        return self.totals.get(epoch, [0, 0])[0]
+
+    def state_dict(self) -> dict[int, dict[str, int]]:
+        return {epoch: {"samples": n, "fingerprint": f} for epoch, (n, f) in self.totals.items()}
+
+    def load_state_dict(self, state: dict[int, dict[str, int]]) -> None:
+        self.totals = {int(e): [v["samples"], v["fingerprint"]] for e, v in state.items()}
+        self._pending.clear()
+
+
+def written_files(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``directory``."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def missing_parts(directory: str | Path) -> str:
+    """Why ``directory`` is not a complete checkpoint ("" when it is): a rank's marker missing
+    or unreadable, or a file a rank wrote missing or of another size (truncated)."""
+    directory = Path(directory)
+    try:
+        first = torch.load(client_path(directory, 0), weights_only=False)
+    except Exception as error:  # missing, truncated or garbage: pickle raises many kinds
+        return f"rank 0's part is missing or unreadable ({type(error).__name__})"
+    for rank in range(first["world_size"]):
+        try:
+            client = first if rank == 0 else torch.load(client_path(directory, rank),
+                                                         weights_only=False)
+        except Exception as error:
+            return f"rank {rank}'s part is missing or unreadable ({type(error).__name__})"
+        for name, size in client.get("files", {}).items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} (rank {rank}) is missing"
+            if path.stat().st_size != size:
+                return f"{name} (rank {rank}) has {path.stat().st_size} bytes, expected {size}"
+    return ""
+
+
+def older_checkpoints(checkpoint) -> Iterator:
+    """The checkpoints of the same run older than ``checkpoint``, newest first.
+
+    Ray Train keeps a run's checkpoints side by side (``storage_path/name/checkpoint_step_*``);
+    siblings are built with the checkpoint's own class and filesystem (local, NFS or S3).
+    """
+    path, filesystem = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
+    if path is None or filesystem is None:
+        return
+    from pyarrow.fs import FileSelector, FileType
+
+    parent, _, name = str(path).rstrip("/").rpartition("/")
+    found = filesystem.get_file_info(FileSelector(parent))
+    names = sorted((info.base_name for info in found if info.type == FileType.Directory
+                    and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < name),
+                   reverse=True)
+    for older in names:
+        yield type(checkpoint)(path=f"{parent}/{older}", filesystem=filesystem)
+
+
+def convert_to_universal(directory: Path, output: Path) -> None:
+    """DeepSpeed's universal checkpoint of ``directory/state`` in ``output/state_universal``.
+
+    ``inject_missing_state`` adds the ``universal_checkpoint_info`` ZeRO-1/2 checkpoints lack;
+    one extract worker (no process pool inside a Ray worker). DeepSpeed's progress prints are
+    kept out of the job's output.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(directory / DEEPSPEED_TAG),
+                              output_folder=str(output / UNIVERSAL_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+
+
+def _warn(line: str) -> None:
+    if dist.is_main():
+        sys.stderr.write(f"WARNING: {line}\n")
+        sys.stderr.flush()
+
+
 class Checkpointer:
     """Saves and restores the engine's shards together with the loop's own state.
 
     ``loader`` and ``ema`` need ``state_dict()/load_state_dict()``; ``ema`` may be None.
     ``save``, ``load``, ``commit`` and ``restore`` are collectives: every rank calls them.
+    ``ledger`` counts the samples trained on (the loop adds each step's batches).
     """
 
     def __init__(self, engine, *, loader, ema: WeightEma | None = None,
@@ -67,6 +218,7 @@ class Checkpointer:
         self.loader = loader
         self.ema = ema
         self.publish = publish
+        self.ledger = SampleLedger()
 
     def commit(self, *, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Save this rank's part into a fresh local folder and ``publish`` it (a barrier
@@ -81,46 +233,113 @@ class Checkpointer:
             shutil.rmtree(directory, ignore_errors=True)
 
     def restore(self, checkpoint) -> dict[str, Any] | None:
-        """Load from a Ray Train ``Checkpoint`` (anything with ``as_directory()``); None: fresh."""
+        """Load from a Ray Train ``Checkpoint`` (anything with ``as_directory()``); None: fresh.
+
+        A torn or unreadable checkpoint is skipped with a one-line warning and the next older
+        one of the run is used; every rank decides the same (the verdict is all-reduced).
+        """
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return self.load(directory)
+        skipped = []
+        for candidate in [checkpoint, *older_checkpoints(checkpoint)]:
+            with candidate.as_directory() as directory:
+                problem = missing_parts(directory)
+                client = None
+                if not problem:
+                    try:
+                        client = self.load(directory)
+                    except Exception as error:  # a corrupt file of the right size
+                        problem = f"loading failed: {type(error).__name__}: {error}"
+                failed = torch.tensor([1 if problem else 0])
+                dist.all_reduce_sum(failed)
+                if not int(failed):
+                    return client
+                name = getattr(candidate, "path", str(directory))
+                _warn(f"skipping checkpoint {name}: {problem or 'another rank could not load it'}; "
+                      f"trying the previous one")
+                skipped.append(str(name))
+        raise RuntimeError(f"no usable checkpoint: {', '.join(skipped)} are all torn or "
+                           f"unreadable; remove them to start the run over")
 
     def save(self, directory: str | Path, *, step: int, epoch: int, **extra: Any) -> Path:
-        """Write this rank's part of the checkpoint for ``step`` into ``directory``."""
+        """Write this rank's part of the checkpoint for ``step`` into ``directory``, its
+        client state (the commit marker listing the rank's files) last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self.ledger.sync()
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG,
                                     client_state={"step": step, "epoch": epoch})
         rank = dist.rank()
-        client = {"step": step, "epoch": epoch, "loader": self.loader.state_dict(),
-                  "rng": rng_state(), "world_size": dist.world_size(), **extra}
-        path = client_path(directory, rank)
-        path.parent.mkdir(exist_ok=True)
-        torch.save(client, path)
         if self.ema is not None and rank == 0:
             torch.save(self.ema.state_dict(), directory / "ema.pt")
+        client = {"step": step, "epoch": epoch, "loader": self.loader.state_dict(),
+                  "rng": rng_state(), "world_size": dist.world_size(),
+                  "samples_seen": self.ledger.state_dict(),
+                  "zero_stage": self.engine.zero_optimization_stage(),
+                  "files": written_files(directory), **extra}
+        path = client_path(directory, rank)
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(client, temporary)
+        temporary.rename(path)
         return directory
 
     def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore engine, loader, RNG and EMA from ``directory``; returns the client state."""
+        """Restore engine, loader, RNG, EMA and sample ledger from ``directory``; returns the
+        client state. Written by another number of workers: through a universal checkpoint."""
         directory = Path(directory)
-        rank = dist.rank()
-        path = client_path(directory, rank)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {directory} has no state for rank {rank}: it was "
-                                    f"written by a different number of workers")
-        client = torch.load(path, weights_only=False)
-        if client["world_size"] != dist.world_size():
-            raise ValueError(f"checkpoint {directory} was written by {client['world_size']} "
-                             f"workers, this run has {dist.world_size()}: expected the same count")
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
-        if load_path is None:
-            raise FileNotFoundError(f"checkpoint {directory} holds no DeepSpeed state "
-                                    f"'{DEEPSPEED_TAG}'")
+        rank, world = dist.rank(), dist.world_size()
+        first = torch.load(client_path(directory, 0), weights_only=False)
+        saved_world = first["world_size"]
+        # Another world size: rank r takes the RNG of saved rank r (or rank 0 beyond them).
+        own = client_path(directory, rank if rank < saved_world else 0)
+        client = torch.load(own, weights_only=False)
+        if saved_world == world or first.get("zero_stage", self.engine.zero_optimization_stage()) == 0:
+            self._load_engine(directory, DEEPSPEED_TAG)  # ZeRO-0 keeps whole optimizer states
+        else:
+            with tempfile.TemporaryDirectory(prefix="t2t-universal-") as scratch:
+                convert_to_universal(directory, Path(scratch))
+                self._load_engine(Path(scratch), UNIVERSAL_TAG, universal=True)
+            self._load_frozen(directory)
         self.loader.load_state_dict(client["loader"])
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=False))
+        self.ledger.load_state_dict(client.get("samples_seen", {}))
         set_rng_state(client["rng"])
-        return client
+        return {**client, "resumed_world_size": saved_world}
+
+    def _load_frozen(self, directory: Path) -> None:
+        """Frozen parameters (the performer's random features) and buffers, which a universal
+        load leaves as initialized: taken from the consolidated checkpoint."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if self.engine.zero_optimization_stage() < 3:  # rank 0 saved the whole module
+            full = torch.load(directory / DEEPSPEED_TAG / "mp_rank_00_model_states.pt",
+                              map_location="cpu", weights_only=False)["module"]
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):
+                full = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        module = self.engine.module
+        frozen = [(name, param) for name, param in module.named_parameters() if not param.requires_grad]
+        gather = contextlib.nullcontext()
+        if self.engine.zero_optimization_stage() == 3 and frozen:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0)
+        with torch.no_grad(), gather:
+            for name, tensor in [*frozen, *module.named_buffers()]:
+                if name in full:
+                    tensor.copy_(full[name].to(tensor.dtype))
+
+    def _load_engine(self, directory: Path, tag: str, *, universal: bool = False) -> None:
+        """DeepSpeed's ``load_checkpoint``; ``universal`` is switched on only for this load
+        (left on, the next ordinary checkpoint would not load)."""
+        config = self.engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        finally:
+            config.load_universal_checkpoint = before
+        if load_path is None:
+            raise FileNotFoundError(f"checkpoint {directory} holds no DeepSpeed state '{tag}'")

