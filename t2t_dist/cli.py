@@ -111,6 +111,46 @@ def _sweep_report(args: argparse.Namespace) -> None:
     print(sweep_report(args.name, resolve_tracking_uri(args.tracking_uri)))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from t2t_dist.config import ModelConfig
+    from t2t_dist.export import register_model, released_state_dict, resolve_weights, save_weights
+    from t2t_dist.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    weights = resolve_weights(args.source, storage_path=args.storage_path,
+                              tracking_uri=tracking_uri, ema=args.ema)
+    model_config = weights.model_config
+    if args.model:
+        if model_config is not None and model_config.name != args.model:
+            raise ValueError(f"checkpoint {weights.source!r} is a {model_config.name} checkpoint, "
+                             f"not --model {args.model!r}: expected --model {model_config.name}")
+        model_config = model_config or ModelConfig(name=args.model, img_size=args.img_size,
+                                                   num_classes=args.num_classes)
+    if args.register and model_config is None:
+        raise ValueError(f"--register needs the variant of {args.source!r}: expected --model NAME "
+                         f"(with --img-size/--num-classes)")
+    state = released_state_dict(weights, model_config)
+    kind = "EMA" if args.ema else "fp32 master"
+    metadata = {"source": weights.source, "weights": kind,
+                "model": model_config.name if model_config else "unknown"}
+    out = save_weights(state, args.out, args.format, metadata=metadata)
+    print(f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} values, "
+          f"{kind} weights of {weights.source}) to {out}")
+    if args.register:
+        version, uri = register_model(state, model_config=model_config, name=args.register,
+                                      alias=args.alias, tracking_uri=tracking_uri,
+                                      experiment=args.experiment,
+                                      tags={"source": weights.source, "weights": kind})
+        print(f"registered {args.register} version {version} as {uri} at {tracking_uri}")
+
+
+def _sweep_report(args: argparse.Namespace) -> None:
+    from t2t_dist.launch.report import sweep_report
+    from t2t_dist.tracking import resolve_tracking_uri
+
+    print(sweep_report(args.name, resolve_tracking_uri(args.tracking_uri)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2t-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("dest", help="local folder or s3://bucket/prefix")
     digits.add_argument("--img-size", type=int, default=64, help="side of the upscaled JPEGs")
     digits.set_defaults(func=_shards_digits)
+
+    export = commands.add_parser("export", help="consolidate a run's weights into one file "
+                                                "(released layout), optionally register in MLflow")
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                        help="run name or folder, checkpoint folder, weights file or MLflow URI")
+    export.add_argument("out", help="output file (.pt or .safetensors)")
+    export.add_argument("--ema", action="store_true", help="the EMA weights instead of the raw")
+    export.add_argument("--format", choices=("pt", "safetensors"), default="",
+                        help="default: by the output file name")
+    export.add_argument("--storage-path", default="./runs", help="where run names are looked up")
+    export.add_argument("--model", default=None,
+                        help="variant, when the source does not carry its run config")
+    export.add_argument("--img-size", type=int, default=224, help="with --model")
+    export.add_argument("--num-classes", type=int, default=1000, help="with --model")
+    export.add_argument("--register", metavar="NAME", default=None,
+                        help="also log to the MLflow model registry under NAME")
+    export.add_argument("--alias", default="candidate", help="registry alias of the new version")
+    export.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or "
+                                                           "sqlite:///mlflow.db")
+    export.add_argument("--experiment", default="t2t-dist-export")
+    export.set_defaults(func=_export)
 
     sweep = commands.add_parser("sweep", help="results of Ray Tune sweeps (jobs/sweep.py)")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True)
