@@ -1,0 +1,90 @@
+"""A torn or corrupt checkpoint is detected, skipped with a one-line warning, and the previous
+one of the run is used (one-process gloo group, real DeepSpeed engine, real Ray Checkpoints)."""
+
+import pytest
+import torch
+from ray.train import Checkpoint
+
+from t2t_dist.checkpoint import Checkpointer, client_path, missing_parts
+from t2t_dist.config import load_config
+from t2t_dist.data import BatchAugment, build_train_loader
+from t2t_dist.engine import build_engine
+from t2t_dist.loop import next_micro_batches, train_step
+from t2t_dist.models import create_model
+
+DEVICE = torch.device("cpu")
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def drop_rank(directory):
+    """Rank 0's marker says two ranks wrote this checkpoint; rank 1's part never arrived."""
+    state = torch.load(client_path(directory, 0), weights_only=False)
+    torch.save({**state, "world_size": 2}, client_path(directory, 0))
+
+
+def garble(path):
+    path.write_bytes(b"not a checkpoint" * 10)
+
+
+def optimizer_shard(directory):
+    return next((directory / "state").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: truncate(optimizer_shard(d)), "bytes, expected"),
+    (lambda d: truncate(d / "state" / "mp_rank_00_model_states.pt"), "bytes, expected"),
+    (drop_rank, "rank 1's part is missing"),
+    (lambda d: garble(client_path(d, 0)), "rank 0's part is missing or unreadable"),
+    (lambda d: (d / "ema.pt").unlink(), "ema.pt (rank 0) is missing"),
+])
+def test_torn_checkpoint_falls_back_to_the_previous(process_group, digits_shards, tmp_path,
+                                                    capfd, damage, reason):
+    config = load_config(overrides=[
+        f"data.train_urls={digits_shards['train']}", f"data.val_urls={digits_shards['val']}",
+        "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32",
+        "data.global_batch=8", "data.loader_workers=0", "engine.precision=fp32",
+        "engine.zero_stage=2"])
+    torch.manual_seed(0)
+    loader = build_train_loader(config.data, img_size=32, micro_batch=8)
+    engine = build_engine(create_model("t2t_vit_tiny", img_size=32, num_classes=10), config,
+                          world_size=1, device=DEVICE)
+    from t2t_dist.optim import WeightEma
+
+    ema = WeightEma(engine.module.state_dict(), decay=0.9)
+    checkpointer = Checkpointer(engine, loader=loader, ema=ema)
+    augment = BatchAugment(config.data, 10)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    run = tmp_path / "run"
+    weights = {}
+    for step in (1, 2, 3):
+        micro_batches = next_micro_batches(batches, 1)
+        checkpointer.ledger.add(0, micro_batches)
+        train_step(engine, micro_batches, augment=augment, lr=1e-3, device=DEVICE, dtype=torch.float32)
+        checkpointer.save(run / f"checkpoint_step_{step:08d}", step=step, epoch=0)
+        weights[step] = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    assert missing_parts(run / "checkpoint_step_00000003") == ""
+
+    damage(run / "checkpoint_step_00000003")
+    assert reason in missing_parts(run / "checkpoint_step_00000003")
+    capfd.readouterr()
+    client = checkpointer.restore(Checkpoint.from_directory(str(run / "checkpoint_step_00000003")))
+    warning = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "checkpoint_step_00000003" in warning[0] and reason in warning[0]
+    assert warning[0].endswith("trying the previous one")
+    assert client["step"] == 2 and loader.state_dict()["position"] == 16
+    assert checkpointer.ledger.count(0) == 16  # the samples of steps 1-2, none of step 3
+    for name, tensor in engine.module.state_dict().items():
+        torch.testing.assert_close(tensor, weights[2][name], rtol=0, atol=0)
+
+    # Every checkpoint of the run torn: a clear error, never a silent fresh start.
+    truncate(optimizer_shard(run / "checkpoint_step_00000002"))
+    drop_rank(run / "checkpoint_step_00000001")
+    with pytest.raises(RuntimeError, match=r"no usable checkpoint: .*checkpoint_step_00000003, "
+                                           r".*checkpoint_step_00000002, .*checkpoint_step_00000001"):
+        checkpointer.restore(Checkpoint.from_directory(str(run / "checkpoint_step_00000003")))
