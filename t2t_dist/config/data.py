@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from t2t_dist.config.base import check_positive, check_range, fail
+from t2t_dist.config.base import check_choice, check_positive, check_range, fail
+
+# How JPEG bytes become pixels: on the CPU in the loader workers with Pillow or simplejpeg
+# (libjpeg-turbo both; the same pixels), or on the training GPU with nvJPEG (torchvision).
+DECODERS = ("pil", "simplejpeg", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +23,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # skipped (corrupt, truncated, missing, unlabeled) per rank-epoch
     shard_interleave: int = 4  # shards merged at random per group of the epoch order (mixing)
     io_retries: int = 8  # botocore retries per S3 call; a broken stream resumes separately
+    decoder: str = "pil"  # one of DECODERS; same samples, order and crops with each
     # CPU-side crop
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -44,6 +49,8 @@ class DataConfig:
         check_range("data.loader_workers", self.loader_workers, 0)
         check_positive("data.shard_interleave", self.shard_interleave)
         check_range("data.io_retries", self.io_retries, 0)
+        check_range("data.seed", self.seed, 0)  # numpy seeds are non-negative
+        check_choice("data.decoder", self.decoder, DECODERS)
         check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for name in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob"):
             check_range(f"data.{name}", getattr(self, name), 0.0, 1.0)

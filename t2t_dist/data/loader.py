@@ -17,6 +17,12 @@ epoch order changes, so it is other samples each epoch). Crops and flips are see
 samples, with the same crops; ``position`` is global, so a later resume may use another
 world size or batch size.
 
+``data.decoder`` picks where JPEGs become pixels: in the DataLoader workers (``pil`` or
+``simplejpeg``, the same pixels), or, with ``cuda``, on the training GPU: the workers then
+send each batch's JPEG bytes with the crop boxes and flips drawn from the same seeds, and
+``ShardLoader`` decodes them with nvJPEG (``transforms.decode_batch_on_device``); samples,
+order, crops and resume position are the same with every decoder.
+
 Bad data (corrupt JPEG, truncated tar, missing shard, no label) is counted in
 ``skipped()``. In training a bad sample's slot is filled by the next good sample of the same
 batch (cyclically; with the bad position's own crop), or, if the whole batch is bad, by the
@@ -40,7 +46,8 @@ from t2t_dist.data.manifest import ShardTable, load_shard_table
 from t2t_dist.data.order import EpochOrder
 from t2t_dist.data.stream import ShardReader
 from t2t_dist.data.tar import sample_image, sample_label
-from t2t_dist.data.transforms import decode_eval, decode_train
+from t2t_dist.data.transforms import (EncodedBatch, check_decoder, decode_batch_on_device,
+                                      decode_eval, decode_train, image_size, train_crop)
 
 SKIP_KINDS = ("corrupt_jpeg", "truncated_tar", "missing_shard", "unlabeled")
 
@@ -112,13 +119,24 @@ class _BatchMaker:
                 out.append((image, label))
         return out
 
-    def _decode(self, image: bytes, position: int) -> np.ndarray:
+    def _decode(self, image: bytes, position: int):
+        """The slot's pixels, uint8 (S, S, 3); with decoder "cuda", what the GPU needs instead:
+        (image bytes, crop box or None in evaluation, flip)."""
         plan, config = self.plan, self.plan.config
+        if config.decoder == "cuda":
+            width, height = image_size(image)  # bytes that are no image fail here, in the worker
+            if not plan.train:
+                return image, None, False
+            rng = np.random.default_rng([config.seed, plan.epoch, position])
+            box, flip = train_crop(width, height, scale=config.crop_scale, ratio=config.crop_ratio,
+                                   hflip=config.hflip, rng=rng)
+            return image, box, flip
         if not plan.train:
-            return decode_eval(image, plan.img_size, crop_pct=config.eval_crop_pct)
+            return decode_eval(image, plan.img_size, crop_pct=config.eval_crop_pct,
+                               decoder=config.decoder)
         rng = np.random.default_rng([config.seed, plan.epoch, position])
         return decode_train(image, plan.img_size, scale=config.crop_scale, ratio=config.crop_ratio,
-                            hflip=config.hflip, rng=rng)
+                            hflip=config.hflip, rng=rng, decoder=config.decoder)
 
     def _decode_all(self, items: list, first: int, counts: np.ndarray) -> list:
         """Decode good items in place; a failed decode becomes "corrupt_jpeg"."""
@@ -145,7 +163,9 @@ class _BatchMaker:
                 return good
         raise DataError(f"no readable sample in {total} samples of {self.plan.table.urls[0]}...")
 
-    def make(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def make(self, index: int) -> tuple:
+        """(images uint8 (B, 3, S, S), labels (B,), skip counts); with decoder "cuda",
+        (EncodedBatch, labels, skip counts)."""
         plan = self.plan
         size, total = plan.batch, self.order.num_samples
         first = plan.start + (index * plan.world_size + plan.rank) * size
@@ -153,26 +173,28 @@ class _BatchMaker:
         first = min(first, stop)
         counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)
         items = self._decode_all(self._fetch(first, stop), first, counts)
-        batch = _new_batch((size, 3, plan.img_size, plan.img_size), shared=get_worker_info() is not None)
-        images = batch.numpy()
+        slots: list = [None] * size  # what each slot shows; None: zeros (eval padding)
         labels = np.full(size, -1, dtype=np.int64)  # eval padding keeps label -1
         good = [item for item in items if not isinstance(item, str)]
         if plan.train and len(good) < len(items):
             donors = [(item[0], item[1]) for item in good] or self._replacements(stop)
-        images[len(items):] = 0  # eval padding past the end of the data
         for k, item in enumerate(items):
             if not isinstance(item, str):
-                images[k], labels[k] = item[2].transpose(2, 0, 1), item[1]
+                slots[k], labels[k] = item[2], item[1]
             elif plan.train:
                 # Next good sample after slot k (cyclically), with slot k's own crop.
                 donor = donors[(sum(1 for x in items[:k] if not isinstance(x, str))) % len(donors)]
                 try:
-                    images[k] = self._decode(donor[0], first + k).transpose(2, 0, 1)
+                    slots[k] = self._decode(donor[0], first + k)
                 except Exception:
-                    images[k] = good[0][2].transpose(2, 0, 1) if good else 0
+                    slots[k] = good[0][2] if good else None
                 labels[k] = donor[1]
-            else:
-                images[k] = 0  # eval: a bad sample becomes padding
+        if plan.config.decoder == "cuda":
+            return EncodedBatch.pack(slots), torch.from_numpy(labels), torch.from_numpy(counts)
+        batch = _new_batch((size, 3, plan.img_size, plan.img_size), shared=get_worker_info() is not None)
+        images = batch.numpy()
+        for k, pixels in enumerate(slots):
+            images[k] = 0 if pixels is None else pixels.transpose(2, 0, 1)
         return batch, torch.from_numpy(labels), torch.from_numpy(counts)
 
 
@@ -208,7 +230,8 @@ class _EpochBatches(IterableDataset):
 
 
 class ShardLoader:
-    """Iterable of (uint8 images (B, 3, S, S), int64 labels (B,)) for one rank."""
+    """Iterable of (uint8 images (B, 3, S, S), int64 labels (B,)) for one rank; the images are
+    on the GPU with ``data.decoder="cuda"``."""
 
     def __init__(self, table: ShardTable, config: DataConfig, *, img_size: int, train: bool,
                  rank: int, world_size: int, batch: int):
@@ -222,6 +245,7 @@ class ShardLoader:
         if train and self.num_samples < per_step:
             raise ValueError(f"{self.num_samples} training samples are fewer than one global batch "
                              f"of {per_step} = world_size({world_size}) x micro_batch({batch})")
+        check_decoder(config.decoder)
         self.epoch, self._start, self._done = 0, 0, 0
         self._skipped = np.zeros(len(SKIP_KINDS), dtype=np.int64)
 
@@ -284,6 +308,9 @@ class ShardLoader:
                             prefetch_factor=2 if workers else None, persistent_workers=False,
                             pin_memory=torch.cuda.is_available())
         for images, labels, counts in loader:
+            if self.config.decoder == "cuda":  # uint8 (B, 3, S, S) on the GPU
+                images = decode_batch_on_device(images, self.img_size, train=self.train,
+                                                crop_pct=self.config.eval_crop_pct)
             self._done += 1
             self._skipped += counts.numpy()
             self._check_bad()
