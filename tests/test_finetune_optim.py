@@ -86,3 +86,37 @@ def test_finetune_configs_load(name):
         assert config.optim.optimizer == "sgd" and config.optim.momentum == 0.9
         assert config.optim.backbone_lr_scale == 0.01 and config.optim.weight_decay == 5e-4
     assert config.model.pretrained is None  # given on the command line
+
+
+def test_deepspeed_takes_sgd_under_zero():
+    from t2t_dist.config import EngineConfig
+    from t2t_dist.engine import deepspeed_config
+
+    sgd = deepspeed_config(EngineConfig(zero_stage=2), OptimConfig(optimizer="sgd"),
+                           global_batch=64, world_size=2)
+    adamw = deepspeed_config(EngineConfig(zero_stage=2), OptimConfig(), global_batch=64,
+                             world_size=2)
+    assert sgd["zero_allow_untested_optimizer"] is True
+    assert "zero_allow_untested_optimizer" not in adamw
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_engine_keeps_the_backbone_scale_per_step(zero_stage, process_group):
+    """Through DeepSpeed's ZeRO wrappers: the groups keep ``lr_scale`` and set_lr scales them."""
+    from t2t_dist.engine import build_engine
+
+    config = load_config(overrides=["model.name=t2t_vit_tiny", "model.img_size=32",
+                                    "model.num_classes=5", "model.compile=false",
+                                    "data.global_batch=4", "optim.optimizer=sgd",
+                                    "optim.backbone_lr_scale=0.01", "engine.precision=bf16",
+                                    f"engine.zero_stage={zero_stage}"])
+    torch.manual_seed(0)
+    engine = build_engine(create_model("t2t_vit_tiny", img_size=32, num_classes=5), config,
+                          world_size=1, device=torch.device("cpu"))
+    set_lr(engine, 0.05)
+    rates = sorted({round(g["lr"], 12) for g in engine.optimizer.param_groups})
+    assert rates == [0.0005, 0.05]
+    loss = engine(torch.randn(4, 3, 32, 32, dtype=torch.bfloat16)).float().logsumexp(-1).mean()
+    engine.backward(loss)
+    engine.step()  # SGD runs under ZeRO
+    assert sorted({round(g["lr"], 12) for g in engine.optimizer.param_groups}) == [0.0005, 0.05]

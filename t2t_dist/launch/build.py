@@ -22,7 +22,7 @@ from t2t_dist import dist
 from t2t_dist.checkpoint import Checkpointer
 from t2t_dist.config import Config, batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
-from t2t_dist.engine import build_engine
+from t2t_dist.engine import DTYPES, build_engine
 from t2t_dist.loop import steps_per_epoch
 from t2t_dist.models import create_model, load_pretrained
 from t2t_dist.optim import LRSchedule, WeightEma
@@ -100,3 +100,34 @@ def build_parts(config: Config, *, tags: dict[str, str]) -> Parts:
     return Parts(device=device, engine=engine, train_loader=train_loader, val_loader=val_loader,
                  augment=augment, schedule=schedule, checkpointer=checkpointer,
                  tracker=make_tracker(config, tags=tags), ema=ema, ema_model=ema_model)
+
+
+@dataclass
+class EvalParts:
+    """What an evaluation worker built: the model in its evaluation dtype, this rank's share
+    of the validation shards, the tracker."""
+
+    device: torch.device
+    model: nn.Module
+    dtype: torch.dtype
+    val_loader: Any
+    tracker: MlflowTracker | NullTracker
+
+
+def build_eval_parts(config: Config, *, tags: dict[str, str]) -> EvalParts:
+    """Model (``model.pretrained`` loaded, cast to ``engine.precision``) and validation loader.
+
+    No DeepSpeed: plain weights on every worker; ``loop.evaluate`` sums over ranks. The model
+    computes in the dtype the engine computed in during training (bf16 weights are the fp32
+    masters rounded, as DeepSpeed's own copy is), so a checkpoint scores exactly what the
+    in-training evaluation of that step scored.
+    """
+    device = ray.train.torch.get_device()
+    dtype = DTYPES[config.engine.precision]
+    val_loader = build_val_loader(config.data, img_size=config.model.img_size, rank=dist.rank(),
+                                  world_size=dist.world_size())
+    model = build_model(config).to(device=device, dtype=dtype).eval()
+    if config.model.compile:
+        model = torch.compile(model)
+    return EvalParts(device=device, model=model, dtype=dtype, val_loader=val_loader,
+                     tracker=make_tracker(config, tags=tags))

@@ -1,0 +1,158 @@
+"""Evaluation on Ray workers, and the driver-side weights resolution it shares with fine-tuning.
+
+    config = evaluation_config(checkpoint, model="t2t_vit_14", data="s3://.../val-{0000..0063}.tar")
+    config, weights = materialize_weights(config, checkpoint, new_head=False)   # driver
+    preflight_evaluation(config)
+    metrics = launch_evaluation(config, weights)                                  # Ray workers
+
+The driver resolves the checkpoint (a released file, one of our runs' ZeRO checkpoints, an
+MLflow model; ``t2t_dist.export``) once, checks it fits the model (variant, class count) and
+writes the fp32 weights beside the run as one file that ``model.pretrained`` points at: the
+workers then build the model exactly as training does (``build.build_model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from t2t_dist import dist
+from t2t_dist.config import Config, ConfigError, from_dict, load_config
+from t2t_dist.export import Weights, find_checkpoint, is_mlflow_uri, load_weights, resolve_weights
+from t2t_dist.launch.build import build_eval_parts, build_model
+from t2t_dist.launch.driver import build_trainer, connect, run_tags
+from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
+from t2t_dist.loop import evaluate
+
+WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
+SAVED_CONFIG = "t2t_config.yaml"
+
+
+def saved_run_config(checkpoint: str, storage_path: str) -> Path | None:
+    """The resolved config a training run saved beside ``checkpoint``, if it is one of ours."""
+    if is_mlflow_uri(checkpoint):
+        return None
+    try:
+        directory = find_checkpoint(checkpoint, storage_path)
+    except FileNotFoundError:
+        return None
+    path = directory.parent / SAVED_CONFIG if directory else None
+    return path if path and path.is_file() else None
+
+
+def evaluation_config(checkpoint: str, *, config_path: str | None = None, model: str | None = None,
+                      data: str | None = None, overrides: list[str] = ()) -> Config:
+    """The evaluation's config: the training run's own saved config when ``checkpoint`` is one
+    of our runs (same model, eval batch, crop and precision), else ``config_path`` or the
+    defaults; then ``--model``, ``--data`` (validation shards) and ``--set`` on top.
+
+    The MLflow run is ``eval-<source>-<time>`` unless ``--set run.name=...`` names it.
+    """
+    first = load_config(config_path, overrides=overrides)
+    saved = None if config_path else saved_run_config(checkpoint, first.run.storage_path)
+    if saved is not None and model:
+        trained = load_config(saved).model.name
+        if trained != model:
+            raise ConfigError(f"checkpoint {checkpoint!r} is a {trained} checkpoint (its run "
+                              f"config), not model.name={model!r}: expected --model {trained}")
+    extra = [f"data.val_urls={data}"] if data else []
+    config = load_config(saved or config_path, model=model, overrides=[*extra, *overrides])
+    if not any(item.strip().startswith("run.name=") for item in overrides):
+        label = Path(checkpoint.rstrip("/")).name.replace("@", "-").replace(":", "") or "model"
+        if saved is not None:
+            label = f"{saved.parent.name}-{label}"
+        config = dataclasses.replace(config, run=dataclasses.replace(
+            config.run, name=f"eval-{label}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return config
+
+
+def materialize_weights(config: Config, source: str, *, new_head: bool,
+                        ema: bool = False) -> tuple[Config, Weights]:
+    """Resolve ``source``, check it fits ``config.model`` and point ``model.pretrained`` at it.
+
+    A plain weights file is used where it is; our checkpoints, run names and MLflow models
+    are consolidated here once and written to ``<storage>/<run.name>/source_weights.pt``
+    (local or shared storage: workers read that path).
+    """
+    weights = resolve_weights(source, storage_path=config.run.storage_path,
+                              tracking_uri=config.run.tracking_uri, ema=ema)
+    check_model_name(config.model.name)
+    load_weights(build_model(config, pretrained=False), weights, new_head=new_head)
+    if weights.kind == "file" and not source.endswith(".safetensors"):
+        path = Path(source).resolve()
+    else:
+        if is_remote(config.run.storage_path):
+            raise ConfigError(f"checkpoint {source!r} needs consolidating into a file the workers "
+                              f"read, but run.storage_path={config.run.storage_path!r} is remote: "
+                              f"export it first (t2t-dist export) to shared storage and pass that file")
+        path = Path(config.run.storage_path) / config.run.name / WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(weights.checkpoint), path)
+    model = dataclasses.replace(config.model, pretrained=str(path))
+    return dataclasses.replace(config, model=model), weights
+
+
+def preflight_evaluation(config: Config) -> None:
+    """Evaluation's preflight: variant, validation shards, their class count (one line each)."""
+    check_model_name(config.model.name)
+    val = check_shards_resolve("val_urls", config.data.val_urls)
+    if len(val.classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: the "
+                          f"validation shards have {len(val.classes)} classes; expected "
+                          f"--set model.num_classes={len(val.classes)} with a checkpoint of "
+                          f"{len(val.classes)} classes")
+
+
+def report_result(result: dict[str, float]) -> None:
+    """Hand the numbers to the driver. Ray Train V2 keeps a run's metrics only with a
+    checkpoint, so rank 0 reports a small folder (``evaluation.json``) as one; every rank
+    reports (a barrier)."""
+    with tempfile.TemporaryDirectory(prefix="t2t-eval-") as directory:
+        checkpoint = None
+        if dist.is_main():
+            (Path(directory) / "evaluation.json").write_text(json.dumps(result, indent=1))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(result, checkpoint=checkpoint, checkpoint_dir_name="evaluation")
+
+
+def evaluate_worker(payload: dict[str, Any]) -> None:
+    """Per-worker entry: evaluate ``model.pretrained`` over this rank's share of the shards."""
+    config = from_dict(Config, payload["config"])
+    tags = payload["tags"]
+    parts = build_eval_parts(config, tags=tags)
+    status = "FAILED"
+    try:
+        metrics = evaluate(parts.model, parts.val_loader, data=config.data, device=parts.device,
+                           dtype=parts.dtype)
+        result = {f"eval/{key}": value for key, value in metrics.items()}
+        parts.tracker.log(result, step=int(tags.get("source_step", 0) or 0))
+        report_result(result)
+        status = "FINISHED"
+    finally:
+        parts.tracker.close(status)
+
+
+def launch_evaluation(config: Config, weights: Weights) -> dict[str, float]:
+    """Evaluate on ``scaling.num_workers`` Ray workers; returns ``eval/{loss,top1,top5}``."""
+    connect(config)
+    tags = {**run_tags(config), "source": weights.source, "source_kind": weights.kind,
+            "source_step": "" if weights.step is None else str(weights.step),
+            "job": "evaluate"}
+    result = build_trainer(config, tags, worker=evaluate_worker).fit()
+    return dict(result.metrics or {})
+
+
+def format_evaluation(config: Config, weights: Weights, metrics: dict[str, float]) -> str:
+    step = f" (step {weights.step})" if weights.step is not None else ""
+    return (f"{weights.source}{step}: {config.model.name} on {config.data.val_urls} with "
+            f"{config.scaling.num_workers} workers, {config.engine.precision}: "
+            f"top-1 {metrics['eval/top1']:.4f} | top-5 {metrics['eval/top5']:.4f} | "
+            f"loss {metrics['eval/loss']:.6f}\nMLflow: run {config.run.name!r} in experiment "
+            f"{config.run.experiment!r} at {config.run.tracking_uri}")
