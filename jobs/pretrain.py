@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from t2t_dist.config import ConfigError, load_config
 from t2t_dist.launch import launch, prepare, preflight, summary
 
@@ -20,8 +22,13 @@ from t2t_dist.launch import launch, prepare, preflight, summary
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line (no usage block), same exit code as config errors
+        raise ConfigError(f"{message} (see --help)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None,
                         help="YAML run config (default: jobs/configs/demo.yaml)")
     parser.add_argument("--model", default=None, help="variant name, e.g. t2t_vit_14")
@@ -31,13 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         config = prepare(load_config(args.config or DEFAULT_CONFIG, model=args.model,
                                      overrides=args.overrides))
         preflight(config)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"pretrain: error: {error}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, yaml.YAMLError) as error:
+        if isinstance(error, (yaml.YAMLError, UnicodeDecodeError)):  # --config or a --set value
+            error = f"not valid YAML text in --config or a --set value: {error}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"pretrain: error: {' '.join(lines)}", file=sys.stderr)
         return 2
     result = launch(config)
     print(summary(config, result), flush=True)

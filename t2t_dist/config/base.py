@@ -8,6 +8,7 @@ the field, the bad value and what would be accepted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Iterable
@@ -29,7 +30,11 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
 
 def check_range(field: str, value: float, low: float | None = None, high: float | None = None,
                 *, low_open: bool = False, high_open: bool = False) -> None:
-    """Check ``low <(=) value <(=) high``; either bound may be None."""
+    """Check ``low <(=) value <(=) high``; either bound may be None. NaN and infinities fail."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(field, value, "a number")
+    if not math.isfinite(value):
+        fail(field, value, "a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -66,21 +71,33 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(field, inner[0], value) if len(inner) == 1 else value
     if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, Iterable):
+        if isinstance(value, (str, dict)) or not isinstance(value, Iterable):
             fail(field, value, "a list")
+        value = list(value)
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            fail(field, value, f"a list of {len(args)} values")
         item_type = args[0] if args else Any
         return tuple(_coerce(field, item_type, v) for v in value)
     if origin is dict:
         if not isinstance(value, dict):
             fail(field, value, "a mapping")
-        return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" as a string
-        except ValueError:
+        key_type, value_type = args if args else (Any, Any)
+        return {_coerce(f"{field}.{k}", key_type, k): _coerce(f"{field}.{k}", value_type, v)
+                for k, v in value.items()}
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
             fail(field, value, "a number")
+        if not math.isfinite(number):
+            fail(field, value, "a finite number")
+        return number
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         fail(field, value, "an integer")
     if tp is bool and not isinstance(value, bool):

@@ -107,8 +107,10 @@ class RunConfig:
     seed: int = 0  # model init and dropout; the data order has data.seed
 
     def __post_init__(self) -> None:
-        if "/" in self.name or self.name != self.name.strip():
-            check_choice("run.name", self.name, ("a name without '/' or surrounding spaces",))
+        if ("/" in self.name or self.name != self.name.strip() or self.name in (".", "..")
+                or not self.name.isprintable()):
+            check_choice("run.name", self.name, ("a name without '/', control characters or "
+                                                 "surrounding spaces, other than '.' and '..'",))
         for name in ("max_steps", "eval_every", "checkpoint_every"):
             check_range(f"run.{name}", getattr(self, name), 0)
         check_positive("run.log_every", self.log_every)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -14,10 +15,24 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+MAX_SHARDS = 1_000_000  # a brace range past this is a typo (and would take minutes to list)
+
+
+def brace_count(pattern: str) -> int:
+    """How many names the ``{a..b}`` ranges of ``pattern`` expand to, without expanding them."""
+    count = 1
+    for low, high in re.findall(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}", pattern):
+        count *= abs(int(high) - int(low)) + 1
+    return count
+
+
 def check_shards_resolve(field: str, pattern: str):
     """``check_shards_exist`` with its errors as one-line ConfigErrors naming the field."""
     from t2t_dist.data import check_shards_exist
 
+    if brace_count(pattern) > MAX_SHARDS:
+        raise ConfigError(f"data.{field}={pattern!r} is invalid: it names "
+                          f"{brace_count(pattern):,} shards; expected at most {MAX_SHARDS:,}")
     try:
         return check_shards_exist(pattern)
     except (ValueError, FileNotFoundError) as error:
@@ -79,9 +94,20 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model.name={name!r} is invalid: {hint}expected one of {', '.join(names)}")
 
 
+def check_model(config: Config) -> None:
+    """The variant with this run's overrides is buildable (heads divide widths, the image size
+    fits the tokenizer's stride), checked here rather than in every worker."""
+    from t2t_dist.models import get_config
+
+    model = config.model
+    check_model_name(model.name)
+    get_config(model.name, **model.architecture(), img_size=model.img_size,
+               num_classes=model.num_classes, drop_path_rate=model.drop_path_rate)
+
+
 def preflight(config: Config) -> None:
     """Fail in one line, before any cluster resources are taken, on what would fail later."""
-    check_model_name(config.model.name)
+    check_model(config)
     pretrained = config.model.pretrained
     if pretrained and not is_remote(pretrained) and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r} is invalid: expected an existing "
