@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,7 +48,6 @@ class Weights:
     kind: str  # "file", "checkpoint" (ours, ZeRO shards) or "mlflow"
     run_config: dict[str, Any] | None = None  # the run's saved config, for our checkpoints
     step: int | None = None
-    details: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_config(self) -> ModelConfig | None:

@@ -25,14 +25,14 @@ import torch
 
 from t2t_dist import dist
 from t2t_dist.config import Config, ConfigError, from_dict, load_config
-from t2t_dist.export import Weights, find_checkpoint, is_mlflow_uri, load_weights, resolve_weights
+from t2t_dist.export import (SAVED_CONFIG, Weights, find_checkpoint, is_mlflow_uri, load_weights,
+                             resolve_weights)
 from t2t_dist.launch.build import build_eval_parts, build_model
 from t2t_dist.launch.driver import build_trainer, connect, run_tags
 from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
 from t2t_dist.loop import evaluate
 
 WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
-SAVED_CONFIG = "t2t_config.yaml"
 
 
 def saved_run_config(checkpoint: str, storage_path: str) -> Path | None:
