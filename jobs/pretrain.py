@@ -17,6 +17,7 @@ import yaml
 
 from t2t_dist.config import ConfigError, load_config
 from t2t_dist.launch import launch, prepare, preflight, summary
+from t2t_dist.launch.driver import TrainingStopped
 
 # The embedded default: the digits demo, so a laptop run needs no flags (any --model works).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         print(f"pretrain: error: {' '.join(lines)}", file=sys.stderr)
         return 2
-    result = launch(config)
+    try:
+        result = launch(config)
+    except TrainingStopped as error:  # e.g. a NaN loss: the last good checkpoint is kept
+        print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
+        return 1
     print(summary(config, result), flush=True)
     return 0
 

@@ -131,12 +131,27 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     )
 
 
+class TrainingStopped(RuntimeError):
+    """The workers stopped the run on purpose (a non-finite loss); the message says why and
+    at which step. Not retried: the last good checkpoint stays the run's latest."""
+
+
 def launch(config: Config):
-    """Connect, build the trainer and train; returns Ray Train's ``Result``."""
+    """Connect, build the trainer and train; returns Ray Train's ``Result``.
+
+    Raises ``TrainingStopped`` when the workers ended the run early (see ``train_worker``).
+    """
+    from t2t_dist.launch.train import read_stop
+
     connect(config)
     save_resolved_config(config)
+    read_stop(config, clear=True)  # a record left by an earlier submission of this name
     trainer = build_trainer(config, run_tags(config))
-    return trainer.fit()
+    result = trainer.fit()
+    stopped = read_stop(config)
+    if stopped:
+        raise TrainingStopped(stopped)
+    return result
 
 
 def summary(config: Config, result: Any) -> str:
