@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.checkpoint import CHECKPOINT_PREFIX, Checkpointer
 from t2t_dist.config import Config, batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import DTYPES, build_engine
@@ -51,7 +51,7 @@ def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
     if group is not None:
         metrics = {**metrics, "placement_group_id": group.id.hex()}
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                     checkpoint_dir_name=f"checkpoint_step_{step:08d}")
+                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
 
 @dataclass
