@@ -69,6 +69,10 @@ def check_resumable(config: Config) -> None:
         saved = flatten(yaml.safe_load(store.get(SAVED_CONFIG)) or {})
     except FileNotFoundError:
         return  # a new run
+    except Exception as error:  # botocore: endpoint unreachable, no credentials, access denied
+        raise ConfigError(f"run.storage_path={config.run.storage_path!r} cannot be read: "
+                          f"{type(error).__name__}: {error} (check AWS credentials and "
+                          f"AWS_ENDPOINT_URL)") from None
     wanted = flatten(to_dict(config))
     keys = [key for key in wanted if key in DEFINING_FIELDS or (
         key.startswith(DEFINING_SECTIONS) and key not in MAY_CHANGE)]
