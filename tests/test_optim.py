@@ -38,6 +38,29 @@ def test_no_decay_rules_and_frozen_tensors_excluded():
     assert len(grouped) == sum(p.requires_grad for p in model.parameters())
 
 
+class Nested(nn.Module):
+    """Listed names matched by their last component, a 2-D ``*.bias``, a top-level matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outer = nn.Module()
+        self.outer.inner = TinyViTLike()
+        self.gate = nn.Module()
+        self.gate.bias = nn.Parameter(torch.zeros(2, 2))
+        self.mix = nn.Parameter(torch.zeros(3, 3))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+
+def test_no_decay_rules_by_last_name_component_and_suffix():
+    assert no_decay_names(Nested()) == {"outer.inner.cls_token", "outer.inner.proj.bias",
+                                        "outer.inner.norm.weight", "outer.inner.norm.bias",
+                                        "gate.bias"}
+    plain = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))  # no no_weight_decay(): rules only
+    assert no_decay_names(plain) == {"0.bias", "1.weight", "1.bias"}
+
+
 def test_no_decay_rules_on_a_real_variant():
     model = create_model("t2t_vit_7", num_classes=10)
     skip = no_decay_names(model)
@@ -82,6 +105,13 @@ def test_schedule_without_warmup_or_cooldown():
                    cooldown_steps=6)
 
 
+def test_schedule_without_cosine_phase():
+    """Warmup straight into cooldown (warmup + cooldown == total) is allowed: peak, then min."""
+    schedule = LRSchedule(peak_lr=1.0, warmup_lr=0.5, min_lr=0.1, total_steps=4, warmup_steps=2,
+                          cooldown_steps=2)
+    assert [schedule(s) for s in range(4)] == pytest.approx([0.5, 0.75, 1.0, 0.1])
+
+
 def test_ema_follows_the_formula_and_copies_integer_buffers():
     model = TinyViTLike()
     ema = WeightEma(model.state_dict(), decay=0.9)
@@ -96,11 +126,32 @@ def test_ema_follows_the_formula_and_copies_integer_buffers():
 
 
 def test_ema_keeps_fp32_from_bf16_weights():
+    """Steps of (1 - decay) x (weight - shadow) far below bf16's resolution still add up."""
     model = TinyViTLike().to(torch.bfloat16)
-    ema = WeightEma(model.state_dict(), decay=0.5)
+    with torch.no_grad():
+        model.proj.weight.fill_(1.0)
+    ema = WeightEma(model.state_dict(), decay=0.999)
     assert ema.shadow["proj.weight"].dtype == torch.float32
-    ema.update(model.state_dict())
-    torch.testing.assert_close(ema.shadow["proj.weight"], model.proj.weight.float())
+    with torch.no_grad():
+        model.proj.weight.fill_(2.0)
+    for _ in range(3):
+        ema.update(model.state_dict())
+    # 2 - 0.999^3 = 1.002997..., while bf16 steps by 1/128 near 1: a bf16 shadow would stay at 1.
+    expected = torch.full((8, 8), 2.0 - 0.999 ** 3)
+    torch.testing.assert_close(ema.shadow["proj.weight"], expected, rtol=1e-6, atol=0)
+
+
+def test_ema_takes_name_tensor_pairs_and_its_own_device():
+    """The ZeRO-3 path hands ``(name, tensor)`` pairs; the shadow lives where it is told."""
+    model = TinyViTLike()
+    ema = WeightEma(model.named_parameters(), decay=0.5, device="meta")
+    assert set(ema.shadow) == {name for name, _ in model.named_parameters()}
+    assert all(t.device.type == "meta" for t in ema.shadow.values())
+    on_cpu = WeightEma(iter(model.state_dict().items()), decay=0.5)
+    with torch.no_grad():
+        model.proj.weight.add_(2.0)
+    on_cpu.update(iter(model.state_dict().items()))
+    torch.testing.assert_close(on_cpu.shadow["proj.weight"], model.proj.weight - 1.0)
 
 
 def test_ema_state_round_trip(tmp_path):
