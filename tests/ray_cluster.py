@@ -4,7 +4,12 @@ Shared by every Ray test of the session (started on first use, stopped at sessio
 its own PID, never `ray stop`). Token auth is decided explicitly: disabled for the head and
 for every driver, so a ~/.ray/auth_token on this machine changes nothing.
 
+Its logical CPUs: the machine's cores, or more when a collected test asks for more with
+``@pytest.mark.ray(cpus=N)`` (Ray only counts; the OS shares the cores), so a 2-core CI
+machine still runs two 1-CPU workers and a bigger machine gets no artificial cap.
+
     from ray_cluster import ray_cluster  # noqa: F401  (the fixture)
+    @pytest.mark.ray(cpus=2)
     def test_x(ray_cluster): ray_cluster.address, ray_cluster.dashboard_url
 """
 
@@ -60,7 +65,13 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_cluster(num_cpus: int = 4, timeout: float = 120.0) -> RayCluster:
+def cluster_cpus(items) -> int:
+    """The machine's cores, or the most any of ``items`` asks for with ``mark.ray(cpus=N)``."""
+    asked = [marker.kwargs.get("cpus", 0) for item in items for marker in item.iter_markers("ray")]
+    return max([os.cpu_count() or 1, *asked])
+
+
+def start_cluster(num_cpus: int, timeout: float = 120.0) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="t2t-ray-")
     port, dashboard_port = free_port(), free_port()
     log_path = Path(temp_dir) / "ray-start.log"
@@ -98,11 +109,11 @@ _CLUSTER: RayCluster | None = None
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """One Ray head for the whole session, whichever test module asks first."""
     global _CLUSTER
     if _CLUSTER is None:
-        _CLUSTER = start_cluster()
+        _CLUSTER = start_cluster(cluster_cpus(request.session.items))
     yield _CLUSTER
     if _CLUSTER is not None:
         _CLUSTER.stop()

@@ -4,8 +4,10 @@ Tiny model (t2t_vit_tiny at 32 px) on the digits shards, a few steps per run; on
 for the whole session (``ray_cluster``), this process as the driver.
 """
 
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,11 +15,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from ray_cluster import DRIVER_ENV
 from t2t_dist.config import load_config
-from t2t_dist.launch import launch, prepare, preflight
+from t2t_dist.data import build_val_loader, normalize
+from t2t_dist.launch import launch, prepare
+from t2t_dist.models import create_model
 from t2t_dist.tracking import RUN_NAME_TAG
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -64,7 +69,7 @@ def losses(client, run_id):
 
 # Bad input: one line, before any Ray resources are taken, run directory left alone.
 
-@pytest.mark.parametrize("argv, message", [
+BAD_INPUT = [
     (["--model", "t2t_vit_99"], "model.name='t2t_vit_99' is invalid: did you mean t2t_vit_19 or "
                                 "t2t_vit_7 or t2t_vit_t_19? expected one of t2t_vit_7, t2t_vit_10"),
     (["--set", "engine.zero_stage=5"], "engine.zero_stage=5 is invalid: expected one of 0, 1, 2, 3"),
@@ -72,48 +77,81 @@ def losses(client, run_id):
     (["--set", "data.train_urls=/nowhere/x-{0000..0001}.tar"], "data.train_urls='/nowhere/x-"),
     (["--config", "jobs/configs/nope.yaml"], "config file 'jobs/configs/nope.yaml' does not exist"),
     (["--set", "model.num_classes=1000"], "model.num_classes=1000 is invalid: expected 10"),
-])
-def test_bad_input_fails_in_one_line_before_ray(argv, message, tmp_path, capsys, monkeypatch,
-                                                digits_shards):
-    import ray
+]
 
-    connected = ray.is_initialized()  # these tests come first in the file: normally False
+
+def bad_argv(argv, digits):
+    base = ["--set", f"data.train_urls={digits['train']}",
+            "--set", f"data.val_urls={digits['val']}", "--set", "run.storage_path=runs"]
+    config_file = [] if "--config" in argv else ["--config", str(pretrain.DEFAULT_CONFIG)]
+    return config_file + base + argv
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT)
+def test_bad_input_fails_in_one_line(argv, message, tmp_path, capsys, monkeypatch, digits_shards):
     run_dir = tmp_path / "runs" / "demo"
     run_dir.mkdir(parents=True)
     (run_dir / "keep.txt").write_text("earlier run")
     monkeypatch.chdir(tmp_path)
-    base = ["--set", f"data.train_urls={digits_shards['train']}",
-            "--set", f"data.val_urls={digits_shards['val']}", "--set", "run.storage_path=runs"]
-    config_file = [] if "--config" in argv else ["--config", str(pretrain.DEFAULT_CONFIG)]
     if argv[0] == "--config":
         monkeypatch.chdir(Path(pretrain.__file__).parents[1])
-    assert pretrain.main(config_file + base + argv) == 2
+    assert pretrain.main(bad_argv(argv, digits_shards)) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
     assert (run_dir / "keep.txt").read_text() == "earlier run"
-    assert ray.is_initialized() == connected  # no Ray started (or connected) for bad input
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo"]
 
 
-def test_unreadable_s3_shards_fail_in_preflight(digits_shards, tmp_path, monkeypatch):
-    from t2t_dist import storage
-    from t2t_dist.config import ConfigError
-
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr(storage, "_SESSION", None)  # forget credentials an earlier test resolved
-    config = tiny_config(digits_shards, tmp_path, "s3",
-                         "data.train_urls=s3://no-bucket/train/digits-train-{0000..0001}.tar")
-    with pytest.raises(ConfigError, match=r"data.train_urls='s3://no-bucket/.*' cannot be read: "
-                                          r"NoCredentialsError") as error:
-        preflight(config)
-    assert "\n" not in str(error.value)
+# Runs each bad command line through the job's main() in a fresh interpreter, where no Ray
+# can have been started before (in this process, another test may have connected already).
+_NO_RAY_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import pretrain, ray
+print(json.dumps([[pretrain.main(argv), ray.is_initialized()] for argv in json.loads(sys.argv[2])]))
+"""
 
 
-@pytest.mark.ray
+def test_bad_input_starts_no_ray(tmp_path, digits_shards):
+    cases = [bad_argv(argv, digits_shards) for argv, _ in BAD_INPUT]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    jobs = str(Path(pretrain.__file__).parent)
+    done = subprocess.run([sys.executable, "-c", _NO_RAY_SCRIPT, jobs, json.dumps(cases)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[2, False]] * len(cases)
+
+
+def evaluate_here(model, pattern: str, dtype: torch.dtype) -> dict[str, float]:
+    """Top-1 (%) and mean loss of ``model`` over every sample of ``pattern``, in this process:
+    a plain loop, to check the numbers the workers computed and summed over ranks."""
+    config = load_config(overrides=[f"data.val_urls={pattern}", "data.eval_batch=100"])
+    model = model.to(dtype).eval()
+    correct, loss, count = 0, 0.0, 0
+    loader = build_val_loader(config.data, img_size=32)
+    with torch.no_grad():
+        for images, labels in loader:
+            keep = labels >= 0
+            logits = model(normalize(images, config.data).to(dtype)).float()[keep]
+            correct += int((logits.argmax(-1) == labels[keep]).sum())
+            loss += float(F.cross_entropy(logits, labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert count == loader.num_samples  # every sample once, padding left out
+    return {"top1": 100 * correct / count, "loss": loss / count}
+
+
+def assert_metrics_match(metrics, prefix, here):
+    """The same batches in bf16 on another thread count: a sample may flip, the loss move by
+    ~1e-5 (measured). Weights that are not the evaluated ones are much further off: zeros give
+    ln(10) exactly (uniform logits), ~5e-3 away from these few-step models."""
+    print(f"{prefix}: logged {metrics[f'{prefix}/top1']:.3f}% {metrics[f'{prefix}/loss']:.5f}, "
+          f"recomputed {here['top1']:.3f}% {here['loss']:.5f}")
+    assert metrics[f"{prefix}/top1"] == pytest.approx(here["top1"], abs=1.01 * 100 / 297), prefix
+    assert metrics[f"{prefix}/loss"] == pytest.approx(here["loss"], abs=2e-4), prefix
+    assert abs(here["loss"] - math.log(10)) > 2e-3  # so the check above tells weights apart
+
+
+@pytest.mark.ray(cpus=2)
 @pytest.mark.slow
 def test_zero2_bf16_checkpoint_mlflow_and_model(driver, digits_shards, tmp_path):
     config = tiny_config(digits_shards, tmp_path, "zero2", "engine.zero_stage=2",
@@ -167,8 +205,16 @@ def test_zero2_bf16_checkpoint_mlflow_and_model(driver, digits_shards, tmp_path)
     saved_ema = torch.load(checkpoint / "ema.pt", weights_only=False)["shadow"]
     torch.testing.assert_close(ema.state_dict()["head.weight"], saved_ema["head.weight"])
 
+    # The validation numbers are those of the weights: the model in bf16 (as the engine ran
+    # it), the EMA in fp32 (as it is evaluated), recomputed here on the whole split.
+    assert_metrics_match(result.metrics, "val", evaluate_here(model, digits_shards["val"],
+                                                              torch.bfloat16))
+    here = evaluate_here(ema, digits_shards["val"], torch.float32)
+    assert result.metrics["val_ema/top1"] == pytest.approx(here["top1"], abs=1e-9)
+    assert result.metrics["val_ema/loss"] == pytest.approx(here["loss"], rel=1e-5)
 
-@pytest.mark.ray
+
+@pytest.mark.ray(cpus=2)
 @pytest.mark.slow
 def test_zero3_bf16_shards_every_rank(driver, digits_shards, tmp_path):
     config = tiny_config(digits_shards, tmp_path, "zero3", "engine.zero_stage=3",
@@ -180,10 +226,25 @@ def test_zero3_bf16_shards_every_rank(driver, digits_shards, tmp_path):
         assert (state / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
         assert len(list(state.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))) == 1
     client, run = mlflow_run(config)
+    assert sorted(losses(client, run.info.run_id)) == [1, 2, 3]
     assert all(math.isfinite(v) for v in losses(client, run.info.run_id).values())
+    # The partitioned shards hold the weights that were evaluated: consolidated here by
+    # DeepSpeed's own zero_to_fp32, they give the logged validation numbers.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(result.checkpoint.path, tag="state")
+    model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    model.load_state_dict(master)  # every tensor, the frozen ones included
+    assert_metrics_match(result.metrics, "val", evaluate_here(model, digits_shards["val"],
+                                                              torch.bfloat16))
+    ema = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    ema.load_state_dict(torch.load(Path(result.checkpoint.path) / "ema.pt",
+                                   weights_only=False)["shadow"])
+    here = evaluate_here(ema, digits_shards["val"], torch.float32)
+    assert result.metrics["val_ema/top1"] == pytest.approx(here["top1"], abs=1e-9)
 
 
-@pytest.mark.ray
+@pytest.mark.ray(cpus=2)
 @pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_losses(driver, digits_shards, tmp_path):
     """Golden losses: 6 steps straight vs 3 steps, stop, resubmit the same name, on to 6."""
