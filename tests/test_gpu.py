@@ -39,15 +39,20 @@ def test_sdpa_matches_eager_reference_on_cuda():
 
 
 @pytest.mark.slow
-def test_compiled_bf16_step_matches_eager_loss():
+def test_compiled_bf16_forward_matches_eager():
+    """Logits compared, not a loss: an untrained head gives near-zero logits, whose loss is
+    ln(1000) whatever the body computes (an all-zero output would pass a loss check)."""
     torch.manual_seed(0)
-    model = create_model("t2t_vit_7").cuda()
+    model = create_model("t2t_vit_7").cuda().eval()  # no dropout: both paths compute one function
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.5)  # logits with a spread of a few units
     compiled = torch.compile(model)
     images = torch.randn(16, 3, 224, 224, device="cuda")
-    labels = torch.randint(0, 1000, (16,), device="cuda")
-    model.eval()  # no dropout: both paths compute the same function
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        expected = F.cross_entropy(model(images), labels)
-        got = F.cross_entropy(compiled(images), labels)
-    assert torch.isfinite(got)
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+        expected = model(images).float()
+        got = compiled(images).float()
+    spread = expected.std().item()
+    assert spread > 1.0 and torch.isfinite(got).all()
+    # bf16 keeps ~3 significant digits; fused kernels round differently: a few % of the spread.
+    torch.testing.assert_close(got, expected, rtol=0.0, atol=0.05 * spread)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
