@@ -11,7 +11,12 @@ run by its ``t2t_dist.run_name`` tag and continues it. Other ranks get a ``NullT
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,64 +82,183 @@ class NullTracker:
         pass
 
 
+# A tracking server that is down must cost training seconds, not minutes: MLflow's HTTP
+# client retries 7 times with exponential backoff (~2 min per call) by default. The tracker
+# buffers and retries on its own schedule instead. A user's own setting wins.
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(f"WARNING: {line}\n")
+    sys.stderr.flush()
+
+
 class MlflowTracker:
-    """One MLflow run: params once, metrics per step, system metrics, tags, the final model."""
+    """One MLflow run: params once, metrics per step, system metrics, tags, the final model.
+
+    The run is found by name, so a resubmitted or restarted job continues it; metric steps at
+    or below the last step already logged for a key are dropped (a restart replays the steps
+    after its checkpoint), so no step appears twice.
+
+    An unreachable tracking server (at start or mid-run) never stops training: one warning,
+    metrics, tags and dict artifacts are buffered and sent, in order, once a retry (every
+    ``retry_every_s``, on the next ``log``) reaches the server; what is still unsent at
+    ``close`` is written to ``offline_path`` (JSON lines), and the warning says where.
+    """
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str,
                  params: dict[str, str], tags: dict[str, Any] | None = None,
-                 system_metrics: bool = True) -> None:
+                 system_metrics: bool = True, retry_every_s: float = 30.0,
+                 offline_path: str | Path | None = None) -> None:
         import mlflow
 
+        for name, value in FAST_FAIL_ENV.items():
+            os.environ.setdefault(name, value)
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
-        found = mlflow.get_experiment_by_name(experiment)
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self._params, self._system_metrics, self.retry_every_s = params, system_metrics, retry_every_s
+        self.offline_path = Path(offline_path) if offline_path else Path(
+            tempfile.gettempdir()) / "t2t-dist-mlflow" / f"{run_name}-{os.getpid()}.jsonl"
+        self.run_id: str | None = None
+        self.resumed = False
+        self.down_since: float | None = None  # monotonic time of the first failed call
+        self.outages = 0  # how many times the server was found unreachable (one warning each)
+        self._next_try = 0.0
+        self._pending: list[tuple[dict[str, float], int]] = []  # (metrics, step), in order
+        self._pending_tags: dict[str, str] = {}
+        self._pending_dicts: list[tuple[dict[str, Any], str]] = []
+        self._last_step: dict[str, int] = {}  # key -> last step the server holds
+        self.set_tags({RUN_NAME_TAG: run_name, **(tags or {})})
+
+    # --- connection ---
+
+    def _open(self) -> None:
+        """Find or create the experiment and the run (by name); log params; note the last
+        logged step of every metric."""
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+        found = mlflow.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else mlflow.create_experiment(
-            experiment, artifact_location=artifact_location(tracking_uri, experiment))
+            self.experiment, artifact_location=artifact_location(self.tracking_uri,
+                                                                 self.experiment))
         existing = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
-                                      filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                      filter_string=f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
-        if system_metrics:
+        if self._system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         run_id = existing[0].info.run_id if existing else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                                    experiment_id=experiment_id,
-                                    log_system_metrics=system_metrics)
-        self.run_id = self.run.info.run_id
-        self.resumed = run_id is not None
-        logged = mlflow.get_run(self.run_id).data.params
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
+                               experiment_id=experiment_id,
+                               log_system_metrics=self._system_metrics)
+        data = mlflow.get_run(run.info.run_id).data
+        client = mlflow.MlflowClient(self.tracking_uri)
+        self._last_step = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+                           for key in data.metrics if not key.startswith("system/")}
         # MLflow params are immutable: a resubmission keeps the first values and records
         # what changed as tags (e.g. run.max_steps raised to continue training).
-        fresh = {k: v for k, v in params.items() if k not in logged}
-        changed = {f"changed_param.{k}": v for k, v in params.items()
+        logged = data.params
+        fresh = {k: v for k, v in self._params.items() if k not in logged}
+        changed = {f"changed_param.{k}": v for k, v in self._params.items()
                    if k in logged and logged[k] != v}
         if fresh:
             mlflow.log_params(fresh)
-        self.set_tags({RUN_NAME_TAG: run_name, **(tags or {}), **changed})
+        self._pending_tags = {**self._pending_tags, **changed}
+        self.run, self.run_id, self.resumed = run, run.info.run_id, run_id is not None
+
+    def _went_down(self, error: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            _warn(f"MLflow at {self.tracking_uri} is unreachable ({type(error).__name__}); "
+                  f"training goes on, metrics are buffered and sent when it is back (retried "
+                  f"every {self.retry_every_s:g} s; unsent at the end: {self.offline_path})")
+        self._next_try = time.monotonic() + self.retry_every_s
+
+    def flush(self) -> bool:
+        """Send what is buffered (opening the run first if that failed before); True when
+        nothing is left. Between retries of an outage it returns at once."""
+        if self.down_since is not None and time.monotonic() < self._next_try:
+            return False
+        try:
+            if self.run_id is None:
+                self._open()
+            while self._pending:
+                metrics, step = self._pending[0]
+                fresh = {k: v for k, v in metrics.items() if step > self._last_step.get(k, -1)}
+                if fresh:
+                    self._mlflow.log_metrics(fresh, step=step)
+                self._last_step.update(dict.fromkeys(fresh, step))
+                self._pending.pop(0)
+            if self._pending_tags:
+                self._mlflow.set_tags(self._pending_tags)
+                self._pending_tags = {}
+            while self._pending_dicts:
+                self._mlflow.log_dict(*self._pending_dicts[0])
+                self._pending_dicts.pop(0)
+        except Exception as error:  # connection refused, timeouts, 5xx: all the same here
+            self._went_down(error)
+            return False
+        self.down_since = None
+        return True
+
+    # --- the Tracker methods ---
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._pending.append(({k: float(v) for k, v in metrics.items()}, step))
+        self.flush()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._pending_tags.update({k: str(v) for k, v in tags.items()})
+        self.flush()
 
     def log_model(self, model: nn.Module, name: str = "model") -> None:
-        """Log ``model`` (plain fp32 PyTorch, CPU) as an MLflow model named ``name``.
+        """Log ``model`` (plain fp32 PyTorch, CPU) as an MLflow model named ``name``; with the
+        server unreachable, saved beside ``offline_path`` instead (the warning says where).
 
         Pickled, not ``pt2``: tracing needs an input example and gains nothing for weights
         that are loaded back into ``t2t_dist.models``. Requirements are given, not inferred
         (inference loads the model in a subprocess: seconds per call).
         """
         torch_version = torch.__version__.split("+")[0]
-        self._mlflow.pytorch.log_model(model.cpu().float().eval(), name=name,
-                                       serialization_format="pickle",
-                                       pip_requirements=[f"torch=={torch_version}"])
+        model = model.cpu().float().eval()
+        options = {"serialization_format": "pickle", "pip_requirements": [f"torch=={torch_version}"]}
+        if self.flush():
+            try:
+                self._mlflow.pytorch.log_model(model, name=name, **options)
+                return
+            except Exception as error:
+                self._went_down(error)
+        path = self.offline_path.with_name(f"{self.offline_path.stem}-{name}")
+        shutil.rmtree(path, ignore_errors=True)
+        self._mlflow.pytorch.save_model(model, str(path), **options)
+        _warn(f"MLflow at {self.tracking_uri} is unreachable: model {name!r} saved to {path}")
 
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """``payload`` as a JSON/YAML artifact (by the file's extension) of this run."""
-        self._mlflow.log_dict(payload, artifact_file)
+        self._pending_dicts.append((payload, artifact_file))
+        self.flush()
 
     def close(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
+        """Send what is buffered (one last try) and end the run with ``status``; what the
+        server never got is written to ``offline_path``."""
+        self._next_try = 0.0
+        if self.flush():
+            try:
+                self._mlflow.end_run(status=status)
+                return
+            except Exception as error:
+                self._went_down(error)
+        self.offline_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.offline_path, "w") as out:
+            header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                      "run_name": self.run_name, "run_id": self.run_id, "status": status,
+                      "params": self._params if self.run_id is None else {},
+                      "tags": self._pending_tags}
+            out.write(json.dumps(header) + "\n")
+            for metrics, step in self._pending:
+                out.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+        _warn(f"MLflow at {self.tracking_uri} stayed unreachable: {len(self._pending)} unsent "
+              f"metric steps written to {self.offline_path}")
 
 
 def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTracker | NullTracker:

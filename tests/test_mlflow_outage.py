@@ -1,0 +1,155 @@
+"""MLflow unreachable at start and mid-run: training goes on, one warning per outage, the
+metrics are buffered and arrive (each step once, in order) when the server is back; still
+down at the end: written to a local file whose path the warning gives.
+
+A real ``mlflow server`` (sqlite backend, artifacts served) on a free port, stopped and
+started again on the same port and store; the tracker runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ray_cluster import free_port
+from t2t_dist.tracking import FAST_FAIL_ENV, MlflowTracker
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1:port over an sqlite file; ``start``/``stop`` keep both."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        command = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+                   "--artifacts-destination", str(self.folder / "artifacts")]
+        log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=self.folder, start_new_session=True,
+                                        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server not up in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: server + workers
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    for name, value in FAST_FAIL_ENV.items():  # what the tracker sets; restored afterwards
+        monkeypatch.setenv(name, value)
+    server = MlflowServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def timed_log(tracker, step: int) -> float:
+    started = time.perf_counter()
+    tracker.log({"train/loss": 1.0 / step, "train/lr": 0.1 * step}, step=step)
+    return time.perf_counter() - started
+
+
+def warnings(capfd) -> list[str]:
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("WARNING")]
+
+
+@pytest.mark.slow
+def test_outage_at_start_and_mid_run_buffers_and_catches_up(server, tmp_path, capfd):
+    # Down at start: the tracker comes up anyway, logging costs no waiting.
+    tracker = MlflowTracker(tracking_uri=server.uri, experiment="outage", run_name="flaky",
+                            params={"optim.lr": "0.001"}, tags={"git_commit": "abc"},
+                            system_metrics=False, retry_every_s=0.5,
+                            offline_path=tmp_path / "offline.jsonl")
+    tracker.log_dict({"optim": {"lr": 0.001}}, "config.yaml")
+    assert max(timed_log(tracker, step) for step in (1, 2, 3)) < 1.0
+    assert tracker.run_id is None
+    [warning] = warnings(capfd)
+    assert server.uri in warning and "training goes on" in warning
+
+    server.start()
+    time.sleep(0.6)  # past the retry interval: the next log reaches the server
+    timed_log(tracker, 4)
+    assert tracker.run_id is not None and tracker.down_since is None
+    run_id = tracker.run_id
+
+    # Down mid-run: one more warning, then the buffer catches up when it is back.
+    server.stop()
+    for step in (5, 6, 7):
+        assert timed_log(tracker, step) < 15.0  # one failed call at most (no MLflow retries)
+    tracker.set_tags({"checkpoint_location": "/runs/flaky"})
+    assert len(warnings(capfd)) == 1
+    server.start()
+    time.sleep(0.6)
+    timed_log(tracker, 8)
+    tracker.close()
+    assert warnings(capfd) == [] and tracker.outages == 2
+
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 9)]
+    assert [m.step for m in client.get_metric_history(run_id, "train/lr")] == list(range(1, 9))
+    assert run.data.params == {"optim.lr": "0.001"}
+    assert run.data.tags["git_commit"] == "abc"
+    assert run.data.tags["checkpoint_location"] == "/runs/flaky"
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    assert not (tmp_path / "offline.jsonl").exists()
+
+    # Resumed under the same name (a restarted worker group replays steps 7-8): each step once.
+    again = MlflowTracker(tracking_uri=server.uri, experiment="outage", run_name="flaky",
+                          params={"optim.lr": "0.001"}, system_metrics=False)
+    assert again.run_id == run_id and again.resumed
+    for step in (7, 8, 9):
+        again.log({"train/loss": 1.0 / step}, step=step)
+    again.close()
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 10))
+
+
+@pytest.mark.slow
+def test_still_down_at_the_end_is_written_locally(server, tmp_path, capfd):
+    server.start()
+    tracker = MlflowTracker(tracking_uri=server.uri, experiment="outage", run_name="gone",
+                            params={}, system_metrics=False, retry_every_s=0.5,
+                            offline_path=tmp_path / "offline.jsonl")
+    timed_log(tracker, 1)
+    server.stop()
+    for step in (2, 3):
+        timed_log(tracker, step)
+    tracker.close("FINISHED")
+    lines = warnings(capfd)
+    assert len(lines) == 2 and str(tmp_path / "offline.jsonl") in lines[1]
+    records = [json.loads(line) for line in (tmp_path / "offline.jsonl").read_text().splitlines()]
+    assert records[0]["run_id"] == tracker.run_id and records[0]["status"] == "FINISHED"
+    assert [r["step"] for r in records[1:]] == [2, 3]
+    assert records[1]["metrics"] == {"train/loss": 0.5, "train/lr": 0.2}
