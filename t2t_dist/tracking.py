@@ -248,6 +248,11 @@ class MlflowTracker:
                 return
             except Exception as error:
                 self._went_down(error)
+        elif self.run_id is not None:
+            try:  # pops the run off MLflow's active-run stack even when the server is gone
+                self._mlflow.end_run(status=status)
+            except Exception:
+                pass
         self.offline_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.offline_path, "w") as out:
             header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
@@ -265,9 +270,13 @@ def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTr
     """An MLflow tracker on rank 0, a ``NullTracker`` elsewhere."""
     if not dist.is_main():
         return NullTracker()
+    # Metrics a tracking server never got land beside the checkpoints (a local temp file
+    # when those are in object storage).
+    storage = config.run.storage_path
+    offline = None if "://" in storage else Path(storage) / config.run.name / "mlflow-offline.jsonl"
     tracker = MlflowTracker(tracking_uri=resolve_tracking_uri(config.run.tracking_uri),
                             experiment=config.run.experiment, run_name=config.run.name,
-                            params=config_params(config), tags=tags)
+                            params=config_params(config), tags=tags, offline_path=offline)
     # The resolved config beside the params: what `load_config` reads back, for s3 runs too.
     tracker.log_dict(to_dict(config), "config.yaml")
     return tracker

@@ -153,3 +153,31 @@ def test_still_down_at_the_end_is_written_locally(server, tmp_path, capfd):
     assert records[0]["run_id"] == tracker.run_id and records[0]["status"] == "FINISHED"
     assert [r["step"] for r in records[1:]] == [2, 3]
     assert records[1]["metrics"] == {"train/loss": 0.5, "train/lr": 0.2}
+
+
+@pytest.mark.ray(cpus=2)
+@pytest.mark.slow
+def test_job_trains_through_an_unreachable_tracking_server(ray_cluster, digits_shards, tmp_path):
+    """``python jobs/pretrain.py`` with ``run.tracking_uri`` at a port nothing listens on: the
+    run finishes, one warning, and the metrics and model are kept beside the checkpoints."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"),
+            "--model", "t2t_vit_tiny", "--set", f"data.train_urls={digits_shards['train']}",
+            "--set", f"data.val_urls={digits_shards['val']}", "--set", "data.global_batch=16",
+            "--set", "optim.reference_batch=16", "--set", "scaling.num_workers=1",
+            "--set", "run.max_steps=3", "--set", "run.log_every=1", "--set", "run.name=no-mlflow",
+            "--set", f"run.storage_path={tmp_path}/runs", "--set", f"run.tracking_uri={uri}"]
+    done = subprocess.run(argv, cwd=tmp_path, env=ray_cluster.env(), capture_output=True,
+                          text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "finished no-mlflow: step 3" in done.stdout, output[-3000:]
+    run_dir = tmp_path / "runs" / "no-mlflow"
+    offline = run_dir / "mlflow-offline.jsonl"
+    unreachable = [line for line in output.splitlines() if f"MLflow at {uri} is unreachable (" in line]
+    assert len(unreachable) == 1 and "training goes on" in unreachable[0], output[-3000:]
+    assert f"written to {offline}" in output and "model 'model' saved to" in output
+    records = [json.loads(line) for line in offline.read_text().splitlines()]
+    assert records[0]["run_id"] is None and records[0]["params"]["optim.lr"]
+    steps = [r["step"] for r in records[1:] if "train/loss" in r["metrics"]]
+    assert steps == [1, 2, 3]
+    assert (run_dir / "mlflow-offline-model" / "MLmodel").is_file()
