@@ -23,7 +23,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # skipped (corrupt, truncated, missing, unlabeled) per rank-epoch
     shard_interleave: int = 4  # shards merged at random per group of the epoch order (mixing)
     io_retries: int = 8  # botocore retries per S3 call; a broken stream resumes separately
-    decoder: str = "pil"  # one of DECODERS; same samples, order and crops with each
+    decoder: str = "simplejpeg"  # one of DECODERS; same samples, order and crops with each
     # CPU-side crop
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
