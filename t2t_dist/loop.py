@@ -150,6 +150,14 @@ def _say(line: str) -> None:
         sys.stdout.flush()
 
 
+def check_finite(loss: float, step: int, dtype: torch.dtype) -> None:
+    """Stop with the step named when the training loss is NaN or Inf (every rank sees it)."""
+    if not math.isfinite(loss):
+        hint = "lower optim.lr" + (" or use engine.precision=fp32" if dtype != torch.float32 else
+                                   " or raise optim.warmup_epochs")
+        raise FloatingPointError(f"training loss is {loss} at step {step}: {hint}")
+
+
 def next_micro_batches(batches: Iterator, count: int) -> list:
     """The next ``count`` batches, leaving the global RNG untouched.
 
@@ -212,9 +220,7 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                     ema.update(tensors)
             if step % run.log_every == 0 or step == total_steps:
                 metrics = meter.flush(step, total_steps, device) | {"train/lr": lr, "epoch": epoch}
-                if not math.isfinite(metrics["train/loss"]):
-                    raise FloatingPointError(f"training loss is {metrics['train/loss']} at step "
-                                             f"{step}: lower optim.lr or use engine.precision=fp32")
+                check_finite(metrics["train/loss"], step, dtype)
                 metrics.update(skipped_counts(train_loader, device))
                 _say(format_progress(step, total_steps, epoch, lr, metrics))
                 tracker.log(metrics, step)
@@ -225,6 +231,7 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                 tracker.log(result, step)
                 metrics.update(result)
             if boundary or (run.checkpoint_every and step % run.checkpoint_every == 0):
+                check_finite(loss.item(), step, dtype)  # never commit NaN weights
                 checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
         del batches
     return metrics

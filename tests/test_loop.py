@@ -106,9 +106,16 @@ def test_cadence_and_max_steps_stop_mid_epoch(process_group, digits_shards):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(process_group, digits_shards):
-    config, parts, published = build(digits_shards, "run.log_every=1", "run.checkpoint_every=2")
+@pytest.mark.parametrize("log_every, checkpoint_every, kept", [
+    (1, 2, [2, 4]),  # seen at the log line
+    (10, 1, [1, 2, 3, 4, 5]),  # seen before the checkpoint, though no log line is due
+])
+def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(
+        process_group, digits_shards, log_every, checkpoint_every, kept):
+    config, parts, published = build(digits_shards, f"run.log_every={log_every}",
+                                      f"run.checkpoint_every={checkpoint_every}")
     parts["augment"] = NanAfter(parts["augment"], after=5)
-    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 6: lower optim.lr"):
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 6: lower optim.lr "
+                                                 r"or raise optim.warmup_epochs$"):
         fit(config, tracker=RecordingTracker(), **parts)
-    assert [step for step, _, _ in published] == [2, 4]  # nothing written at or after the NaN
+    assert [step for step, _, _ in published] == kept  # nothing written at or after the NaN
