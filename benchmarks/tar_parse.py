@@ -22,13 +22,12 @@ import argparse
 import io
 import json
 import os
-import tarfile
 import time
 
 import webdataset
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from t2t_dist.data.tar import parse_tar_samples, split_member
+from t2t_dist.data.tar import _samples_with_tarfile, parse_tar_samples, split_member
 
 
 def make_shard(samples: int, jpeg_kb: int, *, pax: bool) -> tuple[bytes, list[int]]:
@@ -44,24 +43,13 @@ def make_shard(samples: int, jpeg_kb: int, *, pax: bool) -> tuple[bytes, list[in
     return buffer.getvalue(), offsets
 
 
-def with_tarfile(data: bytes) -> list[dict[str, bytes]]:
-    samples, current = [], None
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
-        for info in tar:
-            key, extension = split_member(info.name)
-            if key != current:
-                current = key
-                samples.append({})
-            samples[-1][extension] = tar.extractfile(info).read()
-    return samples
-
-
 def with_webdataset(data: bytes) -> list[dict]:
     members = ({**m, "__url__": ""} for m in tar_file_iterator(io.BytesIO(data)))
     return list(group_by_keys(members, keys=split_member))
 
 
-READERS = {"ours": parse_tar_samples, "tarfile": with_tarfile, "webdataset": with_webdataset}
+READERS = {"ours": parse_tar_samples, "tarfile": _samples_with_tarfile,
+           "webdataset": with_webdataset}
 
 
 def rate(reader, chunks: list[bytes], samples: int, repeats: int) -> float:
