@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from ray_cluster import digits_shards, ray_cluster  # noqa: F401  (fixtures for every test module)
+from ray_cluster import digits_shards, driver, ray_cluster  # noqa: F401  (fixtures for every test module)
 
 # The server runs in its own process, so DataLoader workers forked from the test process do
 # not inherit its listening socket (which would keep the port bound across a restart).

@@ -132,3 +132,14 @@ def digits_shards(tmp_path_factory):
 
         _DIGITS = make_digits_dataset(str(tmp_path_factory.mktemp("digits")), img_size=32)
     return _DIGITS
+
+
+@pytest.fixture(scope="module")
+def driver(ray_cluster):
+    """This test process as the Ray driver of the session's cluster (per test module)."""
+    import ray
+
+    os.environ.update(DRIVER_ENV)
+    ray.init(address=ray_cluster.address, logging_level="WARNING")
+    yield ray_cluster
+    ray.shutdown()

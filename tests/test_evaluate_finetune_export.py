@@ -9,7 +9,6 @@ a local Ray cluster (t2t_vit_tiny, digits at 32 px) serves every test here.
   ImageFolder tree runs through Ray + DeepSpeed and improves over the first epoch.
 """
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ray_cluster import DRIVER_ENV
 from t2t_dist import cli
 from t2t_dist.config import load_config
 from t2t_dist.export import resolve_weights
@@ -34,16 +32,6 @@ import finetune as finetune_job  # noqa: E402  (jobs/finetune.py)
 
 STEPS = 40
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def driver(ray_cluster):
-    import ray
-
-    os.environ.update(DRIVER_ENV)
-    ray.init(address=ray_cluster.address, logging_level="WARNING")
-    yield ray_cluster
-    ray.shutdown()
 
 
 def source_run(name, zero_stage, tmp, digits):

@@ -22,7 +22,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ray_cluster import DRIVER_ENV
 from t2t_dist.config import load_config
 from t2t_dist.launch import launch, prepare
 from t2t_dist.tracking import RUN_NAME_TAG
@@ -49,16 +48,6 @@ def fault_config(digits, tmp_path, name):
         f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "run.log_every=1",
         "run.checkpoint_every=3", "run.keep_checkpoints=2", "run.log_model=false",
         "run.max_failures=1", "scaling.num_workers=2"]))
-
-
-@pytest.fixture(scope="module")
-def driver(ray_cluster):
-    import ray
-
-    os.environ.update(DRIVER_ENV)
-    ray.init(address=ray_cluster.address, logging_level="WARNING")
-    yield ray_cluster
-    ray.shutdown()
 
 
 def train_worker_pids(session: int, since: float) -> list[int]:

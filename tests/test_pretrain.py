@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from ray_cluster import DRIVER_ENV
 from t2t_dist.config import load_config
 from t2t_dist.data import build_val_loader, normalize
 from t2t_dist.launch import launch, prepare
@@ -41,17 +40,6 @@ def tiny_config(digits, tmp_path, name, *extra):
         f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "run.log_every=1",
         "run.log_model=false", "run.max_failures=0",
         "scaling.num_workers=2", *extra]))
-
-
-@pytest.fixture(scope="module")
-def driver(ray_cluster):
-    """This test process as the Ray driver of the session's cluster."""
-    import ray
-
-    os.environ.update(DRIVER_ENV)
-    ray.init(address=ray_cluster.address, logging_level="WARNING")
-    yield ray_cluster
-    ray.shutdown()
 
 
 def mlflow_run(config):
