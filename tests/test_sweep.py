@@ -23,8 +23,8 @@ from t2t_dist.launch.tune import REPORTED_METRICS
 from t2t_dist.tracking import RUN_NAME_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
-# Good learning rates first: with two trials at a time they set each ASHA rung's bar before
-# the hopeless ones (lr ~1e-6) arrive there, so ASHA has something to stop.
+# Good learning rates first: they set each ASHA rung's bar before the hopeless ones (lr ~1e-6)
+# arrive there, so ASHA has something to stop.
 TRIALS = [
     {"optim.lr": 4.0e-3, "model.depth": 2, "model.embed_dim": 32},
     {"optim.lr": 2.0e-3, "model.depth": 1, "model.embed_dim": 64},
@@ -33,8 +33,8 @@ TRIALS = [
 ]
 
 
-def sweep_yaml(tmp_path, digits, name, *, scheduler="asha", trials=TRIALS, concurrent=2):
-    """A sweep config file: t2t_vit_tiny at 32 px, 3 epochs of 23 steps, one worker a trial."""
+def sweep_yaml(tmp_path, digits, name, *, scheduler="asha", trials=TRIALS, concurrent=2, epochs=3):
+    """A sweep config file: t2t_vit_tiny at 32 px, ``epochs`` of 23 steps, one worker a trial."""
     config = {
         "model": {"name": "t2t_vit_tiny", "img_size": 32, "num_classes": 10, "compile": False,
                   "drop_path_rate": 0.0},
@@ -42,7 +42,7 @@ def sweep_yaml(tmp_path, digits, name, *, scheduler="asha", trials=TRIALS, concu
                  "eval_batch": 150, "loader_workers": 0, "rand_augment_ops": 0,
                  "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
                  "mixup_prob": 0.0, "hflip": 0.0, "crop_scale": [0.6, 1.0]},
-        "optim": {"lr": 1e-3, "reference_batch": 64, "epochs": 3, "warmup_epochs": 0.2,
+        "optim": {"lr": 1e-3, "reference_batch": 64, "epochs": epochs, "warmup_epochs": 0.2,
                   "cooldown_epochs": 0, "ema_decay": 0.0, "grad_clip": 1.0},
         "engine": {"precision": "fp32"},
         "run": {"name": name, "storage_path": str(tmp_path / "runs"), "log_every": 1,
@@ -91,7 +91,9 @@ def history_steps(client, run_id, key):
 @pytest.mark.slow
 def test_four_trial_asha_sweep_logs_parent_children_csv_and_plot(ray_cluster, digits_shards,
                                                                    tmp_path):
-    config_path = sweep_yaml(tmp_path, digits_shards, "asha4")
+    # 8 epochs: on a quiet machine an epoch takes ~1.3 s, and a 3-epoch trial ended before
+    # ASHA's stop (decided on its first report) reached it.
+    config_path = sweep_yaml(tmp_path, digits_shards, "asha4", epochs=8)
     started = time.perf_counter()
     process = start_sweep(config_path, ray_cluster, tmp_path / "sweep.log")
     assert process.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-5000:]
@@ -125,7 +127,7 @@ def test_four_trial_asha_sweep_logs_parent_children_csv_and_plot(ray_cluster, di
     statuses = [k.data.tags[STATUS_TAG] for k in kids]
     assert "early-stopped" in statuses and "completed" in statuses, statuses
     full = max(max(history_steps(client, k.info.run_id, "train/loss")) for k in kids)
-    assert full == 3 * (1500 // 64)
+    assert full == 8 * (1500 // 64)
     for kid in kids:
         steps = max(history_steps(client, kid.info.run_id, "train/loss"))
         assert (steps < full) == (kid.data.tags[STATUS_TAG] == "early-stopped")
