@@ -95,6 +95,14 @@ class S3Server:
             self._process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_demo_cache(tmp_path_factory):
+    """Built-in ``digits://`` data goes to a folder of this session, never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("T2T_DIST_CACHE", str(tmp_path_factory.mktemp("t2t-dist-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 for the whole session; AWS_* point boto3 at it."""
