@@ -311,12 +311,14 @@ def build_tuner(config: Config, experiment: str, parent_id: str):
     if ray_tune.Tuner.can_restore(sweep_dir(config)):
         return ray_tune.Tuner.restore(sweep_dir(config), trainable=trainable,
                                       param_space=param_space, resume_errored=True)
-    if tune.search == "optuna":
+    concurrent = concurrent_trials(config)
+    if tune.search == "optuna":  # a Searcher: Tune wraps it in a ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        search = OptunaSearch(seed=tune.seed)
-    else:
-        search = BasicVariantGenerator(random_state=tune.seed)
+        search, searcher_limit = OptunaSearch(seed=tune.seed), concurrent
+    else:  # a SearchGenerator: Tune ignores max_concurrent_trials for it, so it limits itself
+        search = BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrent)
+        searcher_limit = None
     # max_t never stops a trial: one stopped at its last report would lose its final save.
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10**6,
                               grace_period=tune.grace_period,
@@ -327,7 +329,7 @@ def build_tuner(config: Config, experiment: str, parent_id: str):
         tune_config=ray_tune.TuneConfig(
             metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
             search_alg=search, scheduler=scheduler,
-            max_concurrent_trials=concurrent_trials(config),
+            max_concurrent_trials=searcher_limit,
             trial_dirname_creator=_trial_dirname),
         run_config=ray_tune.RunConfig(
             name=tune.name, storage_path=config.run.storage_path, verbose=1,
