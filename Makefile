@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv demo test test-all models clean mutation compiler
+.PHONY: venv demo test models clean mutation compiler
 
 venv: $(STAMP)
 
