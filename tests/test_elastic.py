@@ -110,8 +110,13 @@ def _rank_entry(rank, world, port, task):
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         task()
-    finally:
+        torch_dist.barrier()  # every rank's results are written
+    except BaseException:
         torch_dist.destroy_process_group()
+        raise
+    # Skip the C++ teardown of gloo/DeepSpeed threads at interpreter exit: it sometimes aborts
+    # ("terminate called without an active exception") after the work is done and saved.
+    os._exit(0)
 
 
 def run_ranks(world, task):
