@@ -16,28 +16,26 @@ import argparse
 import dataclasses
 import sys
 
-from t2t_dist.config import ConfigError
 from t2t_dist.launch import prepare
+from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.evaluate import (evaluation_config, format_evaluation, launch_evaluation,
                                       materialize_weights, preflight_evaluation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = JobParser(__doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="weights file, run checkpoint folder, run name, or MLflow model URI")
     parser.add_argument("--model", default=None, help="variant name, e.g. t2t_vit_14")
     parser.add_argument("--data", default=None, help="validation shard URLs (data.val_urls)")
     parser.add_argument("--config", default=None, help="YAML config (default: the run's own)")
     parser.add_argument("--ema", action="store_true", help="the EMA weights (evaluated in fp32)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one config value (repeat)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         config = prepare(evaluation_config(args.checkpoint, config_path=args.config,
                                            model=args.model, data=args.data,
                                            overrides=args.overrides))
@@ -46,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 config.engine, precision="fp32"))
         preflight_evaluation(config)
         config, weights = materialize_weights(config, args.checkpoint, new_head=False, ema=args.ema)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as error:
+        return report_input_error("evaluate", error)
     metrics = launch_evaluation(config, weights)
     print(format_evaluation(config, weights, metrics), flush=True)
     return 0

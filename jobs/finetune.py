@@ -20,20 +20,19 @@ from pathlib import Path
 
 from t2t_dist.config import ConfigError, load_config
 from t2t_dist.launch import launch, prepare, preflight, summary
+from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.evaluate import materialize_weights
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_digits.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = JobParser(__doc__)
     parser.add_argument("--config", default=None, help="YAML run config (default: finetune_digits)")
     parser.add_argument("--model", default=None, help="variant name, e.g. t2t_vit_14")
     parser.add_argument("--pretrained", default=None, help="weights to start from (model.pretrained)")
     parser.add_argument("--train-folder", default=None, help="ImageFolder tree of training images")
     parser.add_argument("--val-folder", default=None, help="ImageFolder tree of validation images")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one config value (repeat)")
     return parser.parse_args(argv)
 
 
@@ -55,9 +54,10 @@ def shards_from_folders(config, train_folder: str, val_folder: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = args.overrides + ([f"model.pretrained={args.pretrained}"] if args.pretrained else [])
     try:
+        args = parse_args(argv)
+        overrides = args.overrides + ([f"model.pretrained={args.pretrained}"] if args.pretrained
+                                      else [])
         config = load_config(args.config or DEFAULT_CONFIG, model=args.model, overrides=overrides)
         source = config.model.pretrained  # resolved below, not as a path of this directory
         if not source:
@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             config = shards_from_folders(config, args.train_folder, args.val_folder)
         config, weights = materialize_weights(config, source, new_head=True)
         preflight(config)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"finetune: error: {error}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as error:
+        return report_input_error("finetune", error)
     print(f"fine-tuning {config.model.name} from {weights.source}", flush=True)
     result = launch(config)
     print(summary(config, result), flush=True)

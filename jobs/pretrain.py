@@ -13,28 +13,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from t2t_dist.config import ConfigError, load_config
+from t2t_dist.config import load_config
 from t2t_dist.launch import launch, prepare, preflight, summary
+from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.driver import TrainingStopped
 
 # The embedded default: the digits demo, so a laptop run needs no flags (any --model works).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line (no usage block), same exit code as config errors
-        raise ConfigError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.splitlines()[0])
+    parser = JobParser(__doc__)
     parser.add_argument("--config", default=None,
                         help="YAML run config (default: jobs/configs/demo.yaml)")
     parser.add_argument("--model", default=None, help="variant name, e.g. t2t_vit_14")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one config value (repeat)")
     return parser.parse_args(argv)
 
 
@@ -44,12 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         config = prepare(load_config(args.config or DEFAULT_CONFIG, model=args.model,
                                      overrides=args.overrides))
         preflight(config)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError, yaml.YAMLError) as error:
-        if isinstance(error, (yaml.YAMLError, UnicodeDecodeError)):  # --config or a --set value
-            error = f"not valid YAML text in --config or a --set value: {error}"
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        print(f"pretrain: error: {' '.join(lines)}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as error:
+        return report_input_error("pretrain", error)
     try:
         result = launch(config)
     except TrainingStopped as error:  # e.g. a NaN loss: the last good checkpoint is kept

@@ -12,29 +12,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from t2t_dist.config import ConfigError, load_config
+from t2t_dist.config import load_config
 from t2t_dist.launch import prepare, preflight
+from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.tune import check_sweep, run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = JobParser(__doc__)
     parser.add_argument("--config", required=True,
                         help="YAML run config with a tune section (jobs/configs/sweep_*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one config value (repeat)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         config = prepare(load_config(args.config, overrides=args.overrides))
         preflight(config)
         checked = check_sweep(config)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"sweep: error: {error}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as error:
+        return report_input_error("sweep", error)
     print(f"sweep {config.tune.name}: {checked} value combinations checked", flush=True)
     print(run_sweep(config), flush=True)
     return 0
