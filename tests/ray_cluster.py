@@ -54,14 +54,20 @@ class RayCluster:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            # On SIGINT `ray start --block` tears down the processes it started (~4 s);
-            # SIGTERM leaves it waiting.
+            # On SIGINT `ray start --block` tears down the processes it started (1-4 s);
+            # SIGTERM leaves it waiting. After a long session it sometimes waits on.
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)  # our own session only
                 self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        # What the teardown leaves (the dashboard's forkserver and module processes) or never
+        # reached: the head ran in a session of its own, so its process group is ours alone.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from t2t_dist.config import ConfigError, load_config, run_name, to_dict
 from t2t_dist.launch import prepare, preflight
 from t2t_dist.launch.preflight import check_resumable, save_resolved_config
+from t2t_dist.tracking import RUN_NAME_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -136,3 +138,10 @@ def test_default_job_under_ray_job_submit(ray_cluster, tmp_path, working_dir):
     assert "finished t2t_vit_mini-32px-10cls: step 2" in output
     assert (tmp_path / "cache" / "digits-32px" / "patterns.json").is_file()
     assert os.path.isdir(tmp_path / "runs" / "t2t_vit_mini-32px-10cls")
+    # The MLflow run knows which submission made it, and holds the step's loss once.
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(load_config(DEMO).run.experiment)
+    [run] = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = 't2t_vit_mini-32px-10cls'")
+    assert run.data.tags["ray_submission_id"] == submission
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2]
