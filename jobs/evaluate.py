@@ -17,7 +17,7 @@ import dataclasses
 import sys
 
 from t2t_dist.launch import prepare
-from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
+from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.evaluate import (evaluation_config, format_evaluation, launch_evaluation,
                                       materialize_weights, preflight_evaluation)
 

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from t2t_dist.config import ConfigError, load_config
-from t2t_dist.launch import launch, prepare, preflight, summary
-from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
+from t2t_dist.launch import prepare, preflight
 from t2t_dist.launch.evaluate import materialize_weights
+from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error, train_to_end
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_digits.yaml"
 
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as error:
         return report_input_error("finetune", error)
     print(f"fine-tuning {config.model.name} from {weights.source}", flush=True)
-    result = launch(config)
-    print(summary(config, result), flush=True)
-    return 0
+    return train_to_end("finetune", config)
 
 
 if __name__ == "__main__":

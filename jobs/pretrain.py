@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from t2t_dist.config import load_config
-from t2t_dist.launch import launch, prepare, preflight, summary
-from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
-from t2t_dist.launch.driver import TrainingStopped
+from t2t_dist.launch import prepare, preflight
+from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error, train_to_end
 
 # The embedded default: the digits demo, so a laptop run needs no flags (any --model works).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -38,13 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(config)
     except INPUT_ERRORS as error:
         return report_input_error("pretrain", error)
-    try:
-        result = launch(config)
-    except TrainingStopped as error:  # e.g. a NaN loss: the last good checkpoint is kept
-        print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    print(summary(config, result), flush=True)
-    return 0
+    return train_to_end("pretrain", config)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 from t2t_dist.config import load_config
 from t2t_dist.launch import prepare, preflight
-from t2t_dist.launch.args import INPUT_ERRORS, JobParser, report_input_error
+from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.tune import check_sweep, run_sweep
 
 

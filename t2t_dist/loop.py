@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,22 @@ def check_finite(loss: float, step: int, dtype: torch.dtype) -> None:
         raise FloatingPointError(f"training loss is {loss} at step {step}: {hint}")
 
 
+class StopRequested(Exception):
+    """``fit`` stopped early on request (``stop_requested``): every rank committed a
+    checkpoint of ``step`` first, so the same run resumes there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on request at step {step}, after its checkpoint")
+        self.step = step
+
+
+def stop_agreed(requested: Callable[[], bool], device: torch.device) -> bool:
+    """Rank 0 asks ``requested()``; every rank gets its answer (a collective)."""
+    flag = torch.tensor([float(dist.is_main() and requested())], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(flag)
+    return bool(flag.item())
+
+
 def next_micro_batches(batches: Iterator, count: int) -> list:
     """The next ``count`` batches, leaving the global RNG untouched.
 
@@ -172,11 +188,14 @@ def next_micro_batches(batches: Iterator, count: int) -> list:
 def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
         schedule: LRSchedule, checkpointer: Checkpointer, tracker: Tracker,
         device: torch.device, ema: WeightEma | None = None, ema_model: nn.Module | None = None,
-        resume: dict[str, Any] | None = None) -> dict[str, float]:
+        resume: dict[str, Any] | None = None,
+        stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics.
 
     ``resume`` is the client state ``Checkpointer.restore`` returned (step, epoch).
     Checkpoints go through ``checkpointer.commit`` (every rank, a barrier).
+    ``stop_requested`` (asked on rank 0 every ``run.stop_check_every`` steps): when it says
+    yes, every rank commits a checkpoint of that step and ``StopRequested`` is raised.
     """
     run = config.run
     accum = engine.gradient_accumulation_steps()
@@ -230,8 +249,16 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                 result = run_eval()
                 tracker.log(result, step)
                 metrics.update(result)
-            if boundary or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            committed = boundary or (run.checkpoint_every and step % run.checkpoint_every == 0)
+            if committed:
                 check_finite(loss.item(), step, dtype)  # never commit NaN weights
                 checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
+            if (stop_requested is not None and step % run.stop_check_every == 0
+                    and step < total_steps and stop_agreed(stop_requested, device)):
+                if not committed:
+                    check_finite(loss.item(), step, dtype)
+                    checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
+                _say(f"stop requested: checkpoint of step {step} committed, stopping")
+                raise StopRequested(step)
         del batches
     return metrics

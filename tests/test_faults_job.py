@@ -1,6 +1,8 @@
 """The whole job killed (driver and all) and submitted again under the same run name: it
 continues from the last complete checkpoint, into the same MLflow run, every metric step
 logged once (the steps the killed job logged past its checkpoint are not logged again).
+And the job stopped on purpose (SIGTERM to its driver): a checkpoint of that step, exit 143,
+the same command resumes there.
 
 ``python jobs/pretrain.py`` as a user runs it, against the session's Ray cluster; the
 driver's process group is SIGKILLed once Ray Train registered a checkpoint, and Ray ends the
@@ -26,6 +28,7 @@ from test_faults_worker import (EPOCH_STEPS, GLOBAL_BATCH, first_shards, registe
                                 train_worker_pids)
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
+MAX_STEPS = 40  # the stopped job: long enough that the signal lands mid-run
 
 
 def job_argv(digits, tmp_path) -> list[str]:
@@ -91,3 +94,48 @@ def test_killed_job_resubmitted_continues_the_run_and_its_mlflow_run(ray_cluster
     final = run_dir / f"checkpoint_step_{EPOCH_STEPS:08d}"
     seen = torch.load(final / "client" / "rank_00000.pt", weights_only=False)["samples_seen"]
     assert seen[0]["samples"] == EPOCH_STEPS * GLOBAL_BATCH  # none lost, none repeated
+
+
+@pytest.mark.ray(cpus=2)
+@pytest.mark.slow
+def test_sigterm_to_the_driver_checkpoints_that_step_and_the_same_command_resumes(
+        ray_cluster, digits_shards, tmp_path):
+    """What Slurm's SIGUSR1 (forwarded as SIGTERM by ray_on_slurm.py) does to a running job."""
+    argv = job_argv(digits_shards, tmp_path) + [
+        "--set", "run.name=stopped-job", "--set", "run.stop_check_every=2",
+        "--set", "run.checkpoint_every=100", "--set", "optim.epochs=10",
+        "--set", f"run.max_steps={MAX_STEPS}"]
+    env, run_dir = ray_cluster.env(), tmp_path / "runs" / "stopped-job"
+    first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in first.stdout:  # the workers train: the driver is inside fit
+        lines.append(line)
+        if re.search(r"step [1-9]\d*/\d+ \|", line):
+            first.send_signal(signal.SIGTERM)
+            break
+    lines += first.stdout.readlines()
+    output = "".join(lines)
+    assert first.wait(timeout=120) == 128 + signal.SIGTERM, output[-3000:]
+    [stopped] = re.findall(r"pretrain: stopped on SIGTERM at step (\d+) with checkpoint \S+"
+                           r"checkpoint_step_(\d+); the same command resumes stopped-job", output)
+    step = int(stopped[0])
+    assert stopped[1] == f"{step:08d}" and 0 < step < MAX_STEPS and step % 2 == 0, output[-3000:]
+    assert registered_checkpoint(run_dir) == f"checkpoint_step_{step:08d}"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("t2t-dist-demo")
+    [run] = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = 'stopped-job'")
+    assert run.info.status == "KILLED"
+
+    second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    assert re.findall(r"resumed at step (\d+)", output) == [str(step)]
+    assert f"finished stopped-job: step {MAX_STEPS}" in second.stdout
+    [again] = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`{RUN_NAME_TAG}` = 'stopped-job'")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, MAX_STEPS + 1))  # nothing lost, nothing twice

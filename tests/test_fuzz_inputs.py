@@ -204,10 +204,11 @@ class Accepted(Exception):
 @pytest.fixture(scope="module")
 def base_argv(digits_shards, tmp_path_factory):
     """The job's embedded default (demo.yaml) on the session's digits shards, a private
-    storage folder; the real ``launch`` swapped for a sentinel that starts nothing."""
+    storage folder; the real ``train_to_end`` (launch) swapped for a sentinel that starts nothing."""
     folder = tmp_path_factory.mktemp("fuzz")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pretrain, "launch", lambda config: (_ for _ in ()).throw(Accepted()))
+        patch.setattr(pretrain, "train_to_end",
+                      lambda job, config: (_ for _ in ()).throw(Accepted()))
         patch.chdir(folder)
         yield folder, ["--config", str(pretrain.DEFAULT_CONFIG),
                        "--set", f"data.train_urls={digits_shards['train']}",

@@ -12,7 +12,7 @@ from t2t_dist.checkpoint import Checkpointer
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
-from t2t_dist.loop import fit, steps_per_epoch
+from t2t_dist.loop import StopRequested, fit, steps_per_epoch
 from t2t_dist.models import create_model
 from t2t_dist.optim import LRSchedule
 
@@ -119,3 +119,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(
                                                  r"or raise optim.warmup_epochs$"):
         fit(config, tracker=RecordingTracker(), **parts)
     assert [step for step, _, _ in published] == kept  # nothing written at or after the NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_check_every, yes_on_call, published_steps", [
+    (3, 1, [3]),  # asked at 3 (no checkpoint due): one is committed there
+    (2, 2, [4]),  # asked at 2 (no), 4 (yes): 4 is a checkpoint_every step, committed once
+])
+def test_stop_request_commits_a_checkpoint_then_stops(process_group, digits_shards,
+                                                      stop_check_every, yes_on_call,
+                                                      published_steps):
+    config, parts, published = build(digits_shards, "run.log_every=5", "run.checkpoint_every=4",
+                                      f"run.stop_check_every={stop_check_every}")
+    calls = []
+
+    def requested():
+        calls.append(len(calls) + 1)
+        return len(calls) >= yes_on_call
+
+    with pytest.raises(StopRequested) as stopped:
+        fit(config, tracker=RecordingTracker(), **parts, stop_requested=requested)
+    step = stop_check_every * yes_on_call
+    assert stopped.value.step == step and len(calls) == yes_on_call
+    assert [s for s, _, _ in published] == published_steps
+    assert published[-1][1]["step"] == step
+    assert "client/rank_00000.pt" in published[-1][2]
+    assert parts["train_loader"].state_dict()["position"] == step * 64  # resumes right after

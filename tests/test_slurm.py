@@ -185,12 +185,14 @@ def test_sbatch_runs_pretraining_to_completion(slurm, digits_shards, tmp_path):
 
 def test_preempted_job_requeues_and_cancelled_job_resumes(slurm, digits_shards, tmp_path):
     job = Job(slurm, tmp_path, digits_shards, "slurm-preempt", "ray-shared.sbatch",
-              "optim.epochs=10", "run.max_steps=100", "run.checkpoint_every=4", "run.log_every=1")
+              "optim.epochs=10", "run.max_steps=100", "run.checkpoint_every=4", "run.log_every=1",
+              "run.stop_check_every=2")
     started = time.monotonic()
     job_id = job.submit()
 
     # 1. Preemption / the time limit's early signal: SIGUSR1 to the batch script only, what
-    #    `--signal=B:USR1@120` sends. Ray stops, the job requeues itself and resumes.
+    #    `--signal=B:USR1@120` sends. The workers commit a checkpoint of the step they are at,
+    #    Ray stops, the job requeues itself and resumes at exactly that step.
     first = job.wait_for_checkpoint(job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     job.wait(job_id, lambda info: int(info.get("Restarts", 0)) >= 1, "requeue")
@@ -199,7 +201,8 @@ def test_preempted_job_requeues_and_cancelled_job_resumes(slurm, digits_shards, 
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
     resumed = job.wait(job_id, lambda info: "resumed at step" in job.text(), "resume")
     match = re.search(r"resumed at step (\d+)", job.text())
-    assert int(match.group(1)) >= first, f"resumed at {match.group(1)}, checkpoint was {first}"
+    [stopped] = re.findall(r"pretrain: stopped on SIGTERM at step (\d+) with checkpoint", job.text())
+    assert int(match.group(1)) == int(stopped) >= first, (match.group(1), stopped, first)
     assert "SIGUSR1 received" in job.text() and "requeued" in job.text()
     assert int(resumed["Restarts"]) == 1
 

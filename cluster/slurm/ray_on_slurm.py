@@ -14,8 +14,11 @@ same way); it gets ``RAY_ADDRESS`` of this cluster. CPUs and GPUs per node come 
   are complete or not registered (Ray Train records a checkpoint only once every rank wrote
   it), so the last complete one is what a resubmission resumes from;
 - SIGUSR1 (``#SBATCH --signal=B:USR1@300``, sent before the time limit or by
-  ``scancel --batch --signal=USR1``): the same stop, then ``scontrol requeue``; the requeued
-  job runs the same command, so the same ``run.name`` resumes from its last checkpoint.
+  ``scancel --batch --signal=USR1``): the job gets SIGTERM and up to ``T2T_STOP_GRACE_S``
+  (240 s) to end: a training job's workers commit a checkpoint within
+  ``run.stop_check_every`` steps and stop; then Ray is stopped and the job requeued
+  (``scontrol requeue``). The requeued job runs the same command, so the same ``run.name``
+  resumes from that checkpoint. Keep the signal's lead above the grace plus Ray's stop.
 
 Why not ``ray symmetric-run``: it refuses to start when any Ray runs on the node and ends with
 ``ray stop``, which kills every Ray of the node, other jobs' too (shared nodes); it does not
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_JOB = "jobs/pretrain.py"
 HEAD_TIMEOUT_S = 120.0
 JOB_GRACE_S = 15.0  # SIGTERM -> SIGKILL for the job; Slurm's KillWait (default 30 s) bounds all
+STOP_GRACE_S = 240.0  # after SIGUSR1: time for the job's last checkpoint (T2T_STOP_GRACE_S)
 RAY_GRACE_S = 10.0  # per Ray node step
 # Port offsets from --port-base (a shared node: every job its own range of 1000).
 PORT_OFFSETS = {"port": 0, "dashboard-port": 1, "ray-client-server-port": 2,
@@ -229,14 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as stop_signal:
         requeue = stop_signal.signum == signal.SIGUSR1
         code = 128 + stop_signal.signum
-        print(f"ray_on_slurm: {stop_signal} received: stopping the job and Ray"
+        print(f"ray_on_slurm: {stop_signal} received: stopping the job"
+              + (" (after its last checkpoint)" if requeue else "") + " and Ray"
               + ("; the job will be requeued" if requeue else ""), flush=True)
     except RuntimeError as error:
         print(f"ray_on_slurm: error: {error}", file=sys.stderr, flush=True)
     finally:
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # the stop below must run to its end
-        stop(job_process, JOB_GRACE_S, job[0])
+        # On SIGUSR1 the job has the signal's lead to save its last checkpoint; on SIGTERM
+        # Slurm is stopping every step (Ray's too) at the same time, so it gets little.
+        stop(job_process, float(os.environ.get("T2T_STOP_GRACE_S", STOP_GRACE_S)) if requeue
+             else JOB_GRACE_S, job[0])
         for index, step in enumerate(workers):
             stop(step, RAY_GRACE_S, f"Ray worker on {allocation.nodes[index + 1]}")
         stop(head, RAY_GRACE_S, "the Ray head")

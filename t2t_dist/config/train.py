@@ -99,6 +99,9 @@ class RunConfig:
     log_every: int = 20  # steps
     eval_every: int = 0  # steps; 0 = at each epoch end only
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
+    # Steps between checks for a stop request (SIGTERM/SIGUSR1 to the job's driver): the
+    # workers then commit a checkpoint of that step and the job exits, ready to resume.
+    stop_check_every: int = 10
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts Ray Train may make
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
@@ -114,6 +117,7 @@ class RunConfig:
         for name in ("max_steps", "eval_every", "checkpoint_every"):
             check_range(f"run.{name}", getattr(self, name), 0)
         check_positive("run.log_every", self.log_every)
+        check_positive("run.stop_check_every", self.stop_check_every)
         check_positive("run.keep_checkpoints", self.keep_checkpoints)
         check_range("run.max_failures", self.max_failures, -1)
 

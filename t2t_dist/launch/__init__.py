@@ -5,9 +5,10 @@
     result = launch(config)                # Ray Train V2 TorchTrainer.fit()
     print(summary(config, result))
 
-Modules: ``driver`` (prepare, connect, trainer, summary), ``preflight``, ``build`` (config ->
-model, engine, loaders, EMA, checkpointer, tracker: shared by every worker entry) and
-``train`` (the training worker's entry point).
+Modules: ``driver`` (prepare, connect, trainer, stop on SIGTERM/SIGUSR1, summary),
+``preflight``, ``build`` (config -> model, engine, loaders, EMA, checkpointer, tracker: shared
+by every worker entry), ``train`` (the training worker's entry point), ``evaluate``, ``tune``
+and ``report`` (sweeps), and ``job`` (what the scripts in ``jobs/`` share).
 """
 
 from t2t_dist.launch.driver import launch, prepare, summary

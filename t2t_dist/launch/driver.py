@@ -9,10 +9,14 @@ under ``ray job submit`` (``RAY_ADDRESS`` points at the cluster).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +140,59 @@ class TrainingStopped(RuntimeError):
     at which step. Not retried: the last good checkpoint stays the run's latest."""
 
 
+class RunPreempted(RuntimeError):
+    """The driver got ``signum`` (SIGTERM or SIGUSR1) and the workers stopped after committing
+    a checkpoint: the same command resumes the run there."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_on_signals(config: Config):
+    """While inside: the first SIGTERM or SIGUSR1 asks the workers to commit a checkpoint and
+    stop (``request_stop``) instead of ending the driver; a second one ends it at once.
+    Yields the list the received signal is appended to. Only in the main thread (Python
+    delivers signals there); elsewhere the default handling stays."""
+    from t2t_dist.launch.train import clear_stop_request, request_stop
+
+    received: list[int] = []
+    clear_stop_request(config)  # a request an earlier submission of this name left
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def ask_workers(signum, _frame):
+        if received:  # the second signal: do what it would have done
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        request_stop(config, signal.Signals(signum).name)
+        sys.stdout.write(f"{signal.Signals(signum).name} received: the workers commit a checkpoint "
+                         f"within run.stop_check_every={config.run.stop_check_every} steps and "
+                         f"stop (send it again to end the driver now)\n")
+        sys.stdout.flush()
+
+    previous = {signum: signal.signal(signum, ask_workers) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        clear_stop_request(config)
+
+
 def launch(config: Config):
     """Connect, build the trainer and train; returns Ray Train's ``Result``.
 
-    Raises ``TrainingStopped`` when the workers ended the run early (see ``train_worker``).
+    Raises ``TrainingStopped`` when the workers ended the run early (see ``train_worker``),
+    ``RunPreempted`` when they stopped after a checkpoint because the driver got SIGTERM or
+    SIGUSR1 (``stop_on_signals``).
     """
     from t2t_dist.launch.train import read_stop
 
@@ -147,10 +200,17 @@ def launch(config: Config):
     save_resolved_config(config)
     read_stop(config, clear=True)  # a record left by an earlier submission of this name
     trainer = build_trainer(config, run_tags(config))
-    result = trainer.fit()
+    with stop_on_signals(config) as received:
+        result = trainer.fit()
     stopped = read_stop(config)
+    if stopped.get("kind") == "requested":
+        checkpoint = result.checkpoint.path if result.checkpoint else "none"
+        name = signal.Signals(received[0]).name if received else "a stop request"
+        raise RunPreempted(f"stopped on {name} at {stopped['message']} with checkpoint "
+                           f"{checkpoint}; the same command resumes {config.run.name} there",
+                           received[0] if received else signal.SIGTERM)
     if stopped:
-        raise TrainingStopped(stopped)
+        raise TrainingStopped(stopped["message"])
     return result
 
 

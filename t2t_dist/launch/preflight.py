@@ -49,7 +49,8 @@ MAY_CHANGE = {"model.pretrained", "model.compile", "model.attention", "model.dro
 SAVED_CONFIG = "t2t_config.yaml"
 
 
-def _run_store(config: Config):
+def run_store(config: Config):
+    """The store of the run's folder: ``<run.storage_path>/<run.name>``."""
     from t2t_dist.storage import open_store
 
     return open_store(f"{config.run.storage_path.rstrip('/')}/{config.run.name}")
@@ -57,14 +58,14 @@ def _run_store(config: Config):
 
 def save_resolved_config(config: Config) -> str:
     """Write the resolved config beside the run's checkpoints; returns its URL."""
-    store = _run_store(config)
+    store = run_store(config)
     store.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     return store.url(SAVED_CONFIG)
 
 
 def check_resumable(config: Config) -> None:
     """A run name that already holds another model's checkpoints is refused, in one line."""
-    store = _run_store(config)
+    store = run_store(config)
     try:
         saved = flatten(yaml.safe_load(store.get(SAVED_CONFIG)) or {})
     except FileNotFoundError:

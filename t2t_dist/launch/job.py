@@ -1,14 +1,16 @@
-"""What the jobs in ``jobs/`` share on their command line: ``--set`` overrides, and bad input
-reported as one line ``JOB: error: ...`` with exit code 2 (argparse mistakes included), before
-Ray starts.
+"""What the jobs in ``jobs/`` share: ``--set`` overrides; bad input reported as one line
+``JOB: error: ...`` with exit code 2 (argparse mistakes included) before Ray starts; and the
+training run to its end, with its closing lines and exit code.
 
     parser = JobParser(__doc__)
     parser.add_argument("--config", ...)
     try:
         args = parser.parse_args(argv)
         config = prepare(load_config(args.config, overrides=args.overrides))
+        preflight(config)
     except INPUT_ERRORS as error:
         return report_input_error("pretrain", error)
+    return train_to_end("pretrain", config)
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 
 import yaml
 
-from t2t_dist.config import ConfigError
+from t2t_dist.config import Config, ConfigError
+from t2t_dist.launch.driver import RunPreempted, TrainingStopped, launch, summary
 
 # What bad input (flags, config files, --set values, paths, credentials) raises.
 INPUT_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, yaml.YAMLError)
@@ -44,3 +47,19 @@ def report_input_error(job: str, error: BaseException) -> int:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     print(f"{job}: error: {' '.join(lines)}", file=sys.stderr)
     return 2
+
+
+def train_to_end(job: str, config: Config) -> int:
+    """``launch(config)`` and its closing lines. Exit code: 0 when the schedule ended; 1 when
+    the workers stopped it (a non-finite loss; the last good checkpoint stays the latest);
+    128 + the signal when SIGTERM/SIGUSR1 stopped it after a checkpoint (143, 138)."""
+    try:
+        result = launch(config)
+    except RunPreempted as stop:
+        print(f"{job}: {stop}", flush=True)
+        return 128 + stop.signum
+    except TrainingStopped as error:
+        print(f"{job}: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(summary(config, result), flush=True)
+    return 0
