@@ -28,7 +28,7 @@ from test_faults_worker import (EPOCH_STEPS, GLOBAL_BATCH, first_shards, registe
                                 train_worker_pids)
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
-MAX_STEPS = 40  # the stopped job: long enough that the signal lands mid-run
+MAX_STEPS = 30  # the stopped job: long enough that the signal lands mid-run
 
 
 def job_argv(digits, tmp_path) -> list[str]:
