@@ -53,10 +53,15 @@ def test_resuming_another_model_is_refused_in_one_line(tmp_path):
         to_dict(first), sort_keys=False)  # the refusal wrote nothing
 
 
-def test_unknown_model_suggests_the_nearest_names():
+def test_unknown_model_suggests_the_nearest_names(tmp_path, monkeypatch):
     config = load_config(DEMO, model="t2t_vit14")
     with pytest.raises(ConfigError, match=r"did you mean t2t_vit_14 or .*expected one of t2t_vit_7"):
         preflight(config)
+    # prepare (which builds the digits:// demo data) refuses it before building anything
+    monkeypatch.setenv("T2T_DIST_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"did you mean t2t_vit_14"):
+        prepare(config, cwd=tmp_path)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_demo_data_is_built_once_in_the_cache_whatever_the_working_directory(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from t2t_dist.config import Config, run_name, to_dict
-from t2t_dist.launch.preflight import is_remote, save_resolved_config
+from t2t_dist.launch.preflight import check_model, is_remote, save_resolved_config
 from t2t_dist.tracking import resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
@@ -49,8 +49,10 @@ def prepare(config: Config, cwd: str | Path | None = None) -> Config:
     """Resolve what depends on where the driver runs: paths, shard URLs, tracking URI, run name.
 
     Workers may run elsewhere (another node, another working directory), so relative
-    paths become absolute here, once. The built-in ``digits://`` data is built on first use.
+    paths become absolute here, once. The built-in ``digits://`` data is built on first use,
+    after the model is checked (a mistyped ``--model`` fails first, in one line).
     """
+    check_model(config)
     cwd = Path(cwd or os.getcwd()).resolve()
     run = dataclasses.replace(config.run, name=run_name(config),
                               storage_path=absolute_path(config.run.storage_path, cwd),
