@@ -337,9 +337,17 @@ class Checkpointer:
         config = self.engine._config
         before = config.load_universal_checkpoint
         config.load_universal_checkpoint = universal
+        groups = getattr(self.engine.optimizer, "param_groups", None) or []
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in groups]
         try:
             load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         finally:
             config.load_universal_checkpoint = before
+        # The load brings the saved param-group settings, and ZeRO-3's universal load gives
+        # every group the first group's (weight decay on biases and norms): this run's config
+        # decides them (weight decay, betas, LR scale), as it did before the load.
+        for group, kept in zip(getattr(self.engine.optimizer, "param_groups", None) or [], settings):
+            group.update(kept)
         if load_path is None:
             raise FileNotFoundError(f"checkpoint {directory} holds no DeepSpeed state '{tag}'")
