@@ -188,3 +188,28 @@ def overwrite_member(data: bytes, member: str, payload_fn) -> bytes:
 @pytest.fixture
 def patch_member():
     return overwrite_member
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's teardown once pytest has reported everything. The C++
+    parts this process loaded (gloo's process group, DeepSpeed's CPU comm op, Ray's core
+    worker) sometimes crash in their exit-time destructors: a fresh-clone CI run printed
+    "571 passed" and then make reported a segmentation fault, failing a run whose tests had all
+    passed. Spawned ranks in test_elastic leave the same way. Only when pytest is the program
+    (``pytest``, ``python -m pytest``), not when a tool (mutmut) calls ``pytest.main``."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    is_program = (getattr(main_spec, "name", "") in ("pytest", "pytest.__main__")
+                  or os.path.basename(sys.argv[0]) in ("pytest", "py.test"))
+    if is_program and _EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[_EXIT_STATUS])
+
