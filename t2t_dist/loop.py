@@ -249,15 +249,13 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                 result = run_eval()
                 tracker.log(result, step)
                 metrics.update(result)
-            committed = boundary or (run.checkpoint_every and step % run.checkpoint_every == 0)
-            if committed:
+            stopping = (stop_requested is not None and step % run.stop_check_every == 0
+                        and step < total_steps and stop_agreed(stop_requested, device))
+            if (boundary or stopping
+                    or (run.checkpoint_every and step % run.checkpoint_every == 0)):
                 check_finite(loss.item(), step, dtype)  # never commit NaN weights
                 checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
-            if (stop_requested is not None and step % run.stop_check_every == 0
-                    and step < total_steps and stop_agreed(stop_requested, device)):
-                if not committed:
-                    check_finite(loss.item(), step, dtype)
-                    checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
+            if stopping:
                 _say(f"stop requested: checkpoint of step {step} committed, stopping")
                 raise StopRequested(step)
         del batches
