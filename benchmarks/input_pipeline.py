@@ -11,6 +11,11 @@
   and the decode options: ``data.decoder=simplejpeg``, and shards re-encoded with
   ``shards write --max-side N`` (short side N, JPEG quality 90).
 
+The benchmark runs torch with one thread, as DataLoader workers do: the tight loop is one
+core's cost (with more threads, OpenMP's idle threads spin between the small resizes and
+double the CPU they are charged). "vs own tight loop" compares a loader row with the tight
+loop of the same decoder and shards: what the loader adds to the decode itself.
+
 CPU time = getrusage(RUSAGE_SELF) + getrusage(RUSAGE_CHILDREN) deltas around each run: the
 main process plus its DataLoader workers (joined at the end of the epoch, so counted) and
 their children (webdataset's pipe commands). The S3 server is a separate process that
@@ -190,6 +195,9 @@ def main() -> None:
     from t2t_dist.config import DataConfig
     from t2t_dist.data import make_digits_dataset, manifest_pattern, write_shards
 
+    import torch
+
+    torch.set_num_threads(1)
     server, endpoint = start_s3_server()
     rows: dict[str, tuple] = {}  # name -> (run, run over the first half)
     try:
@@ -262,16 +270,27 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, best of {args.rounds} "
           f"rounds, S3 at {endpoint}")
     print(f"| pipeline | images | CPU s | wall s | img/CPU-s | vs (a) | steady img/CPU-s | vs (a) "
-          f"| cores per GPU at {GPU_IMAGES_PER_S:,} img/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| vs own tight loop, whole / steady | cores per GPU at {GPU_IMAGES_PER_S:,} img/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base_name = next(iter(rows))
     base = best[base_name][0][0] / best[base_name][0][1]
     base_steady = steady_rate(*best[base_name])
     for name, (whole, half) in best.items():
         rate, rate_steady = whole[0] / whole[1], steady_rate(whole, half)
+        own = own_tight_loop(name, best)
+        against = (f"{rate / (own[0][0] / own[0][1]):.0%} / {rate_steady / steady_rate(*own):.0%}"
+                   if own else "")
         print(f"| {name} | {whole[0]} | {whole[1]:.2f} | {whole[2]:.2f} | {rate:.1f} | "
               f"{rate / base:.0%} | {rate_steady:.1f} | {rate_steady / base_steady:.0%} | "
-              f"{GPU_IMAGES_PER_S / rate_steady:.1f} |")
+              f"{against} | {GPU_IMAGES_PER_S / rate_steady:.1f} |")
+
+
+def own_tight_loop(name: str, best: dict):
+    """(whole, half) of the tight loop with a loader row's decoder and shards; None otherwise."""
+    if not name.startswith("our loader"):
+        return None
+    *_, decoder, shards = name.split(", ")
+    return best.get(f"tight loop, {decoder}, {shards}")
 
 
 def steady_rate(whole, half) -> float:

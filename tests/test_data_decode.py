@@ -120,3 +120,20 @@ def test_decoder_settings_fail_in_one_line(shards):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="data.decoder='cuda' needs a CUDA device"):
             build_train_loader(DataConfig(train_urls=shards, decoder="cuda"), img_size=24, micro_batch=8)
+
+
+def test_crop_resize_is_pillows_bilinear_inside_the_border():
+    """The training resize (torch's antialiased uint8 bilinear) gives Pillow's pixels up to
+    rounding, away from the crop's border (where Pillow's filter also reads outside the box)."""
+    from t2t_dist.data.transforms import _crop_resize
+
+    with Image.open(io.BytesIO(_images()["500x375"])) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    for box, size in [((0, 0, 500, 375), 224), ((37, 20, 337, 245), 224), ((100, 50, 180, 110), 64),
+                      ((10, 10, 400, 300), 16)]:
+        reference = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=box))
+        got = _crop_resize(pixels, box, size, flip=False)
+        inside = np.abs(reference.astype(int) - got.astype(int))[2:-2, 2:-2]
+        assert got.shape == (size, size, 3) and inside.max() <= 2, (box, inside.max())
+        flipped = _crop_resize(pixels, box, size, flip=True)
+        np.testing.assert_array_equal(flipped, got[:, ::-1])
