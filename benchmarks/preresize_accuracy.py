@@ -9,7 +9,7 @@ its own validation shards, written the same way (what a user of ``--max-side`` d
 types it, with ``data.seed`` and ``run.seed`` set to the seed; the last line of each run
 gives val top-1 / top-5 / EMA top-1.
 
-    .venv/bin/python benchmarks/preresize_accuracy.py                  # 2 seeds, ~6 min on 2 cores
+    .venv/bin/python benchmarks/preresize_accuracy.py                  # 2 seeds, ~3.5 min on 2 cores
     .venv/bin/python benchmarks/preresize_accuracy.py --seeds 0 1 2
 """
 
