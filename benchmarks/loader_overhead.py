@@ -7,7 +7,11 @@
      writes into every batch; with and without ``MADV_POPULATE_WRITE``), a ranged GetObject of
      ~16 samples through boto3 and the same range through a presigned URL and urllib3, and the
      JPEG decode at each of libjpeg-turbo's scales M/8 (Pillow's ``draft`` offers 1/1, 1/2,
-     1/4, 1/8; simplejpeg also 7/8 .. 5/8).
+     1/4, 1/8; simplejpeg also 7/8 .. 5/8), and the crop resize of ``decode_train`` (torch's
+     antialiased uint8 bilinear) against Pillow's (``fromarray`` + ``resize(box=...)`` +
+     ``asarray``), on the same decoded images and crops;
+  3. the simplejpeg tight loop with torch on two threads: OpenMP's idle thread spins between
+     the small resizes and is charged as CPU, which is why everything here runs one thread.
 
 The same generated 500x375 JPEGs as ``input_pipeline.py``; torch on one thread, as in
 DataLoader workers; each figure is the lowest of ``--rounds``.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import os
 import resource
 import tempfile
 import time
@@ -65,8 +70,6 @@ def shared_batch_us(populate: bool, batches: int = 20) -> float:
 
 def range_read_ms(size: int, reads: int = 40) -> dict[str, float]:
     """CPU ms per ranged read of ``size`` bytes: our S3 store (boto3), presigned URL + urllib3."""
-    import os
-
     import boto3
     import urllib3
 
@@ -107,6 +110,34 @@ def scaled_decode_ms(blobs: list[bytes]) -> dict[int, float]:
             simplejpeg.decode_jpeg(blob, "RGB", min_width=math.ceil(500 * eighths / 8),
                                    min_height=math.ceil(375 * eighths / 8))
         times[eighths] = 1e3 * (time.process_time() - before) / len(blobs)
+    return times
+
+
+def resize_us(blobs: list[bytes], img_size: int = 224) -> dict[str, float]:
+    """CPU us per crop resized by ours (torch) and by Pillow, same decoded images and crops."""
+    import simplejpeg
+    from PIL import Image
+
+    from t2t_dist.data.transforms import _crop_resize, train_crop
+
+    pixels = [simplejpeg.decode_jpeg(blob, "RGB") for blob in blobs]
+    boxes = []
+    for position, image in enumerate(pixels):
+        (left, top, width, height), _ = train_crop(
+            image.shape[1], image.shape[0], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+            rng=np.random.default_rng([0, 0, position]))
+        boxes.append((left, top, left + width, top + height))
+
+    def pillow(image, box):
+        return np.asarray(Image.fromarray(image).resize((img_size, img_size), Image.BILINEAR, box=box))
+
+    times = {}
+    for name, resize in (("torch (ours)", lambda image, box: _crop_resize(image, box, img_size, False)),
+                         ("Pillow", pillow)):
+        before = time.process_time()
+        for image, box in zip(pixels, boxes):
+            resize(image, box)
+        times[name] = 1e6 * (time.process_time() - before) / len(pixels)
     return times
 
 
@@ -159,6 +190,10 @@ def main() -> None:
                       "the same, MADV_POPULATE_WRITE": min(shared_batch_us(True) for _ in range(args.rounds))}
             reads = [range_read_ms(16 * 90 * 1024) for _ in range(args.rounds)]
             scales = [scaled_decode_ms(blobs[:300]) for _ in range(args.rounds)]
+            resizes = [resize_us(blobs[:300]) for _ in range(args.rounds)]
+            torch.set_num_threads(2)
+            two_threads = min(split_run(tight("simplejpeg"))[1:3].sum() for _ in range(args.rounds))
+            torch.set_num_threads(1)
     finally:
         server.terminate()
         server.wait()
@@ -179,6 +214,10 @@ def main() -> None:
               f"{min(read[name] for read in reads):.2f} ms |")
     for eighths in scales[0]:
         print(f"| decode 500x375 at scale {eighths}/8 | {min(s[eighths] for s in scales):.2f} ms |")
+    for name in resizes[0]:
+        print(f"| crop resize to 224, {name} | {min(r[name] for r in resizes):.0f} us |")
+    print(f"| tight loop, simplejpeg, torch on 2 threads, per image | "
+          f"{1e3 * two_threads / args.images:.3f} ms |")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ bilinear resize with antialiasing, horizontal flip with probability ``hflip``. T
 decoded with ``Image.draft`` at the largest 1/2, 1/4 or 1/8 scale that still leaves the crop
 at least ``img_size`` pixels on each side, which makes full-size ImageNet photos much cheaper.
 The resize is torch's uint8 antialiased bilinear kernel (what torchvision's ``Resize`` runs
-on tensors) on the crop: ~0.38 ms against ~0.9 ms for Pillow's ``resize`` with the image
-copied into and out of Pillow, a fifth of the whole transform on a 500x375 photo. Its pixels
+on tensors) on the crop: ~0.3 ms against ~0.8 ms for Pillow's ``resize`` with the image
+copied into and out of Pillow (``benchmarks/loader_overhead.py``), a quarter of the whole
+transform on a 500x375 photo. Its pixels
 are Pillow's within 2 levels (rounding) except along the crop's border, where Pillow's
 filter also reads pixels outside the box.
 
