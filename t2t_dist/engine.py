@@ -5,8 +5,23 @@
     engine = build_engine(model, config, world_size=8, device=torch.device("cuda", 0))
 
 The optimizer is always a client torch optimizer (AdamW, or SGD for transfer) with our
-no-decay groups, so no DeepSpeed op (FusedAdam, CPUAdam) is ever compiled; the LR is set
-per step by the loop.
+no-decay groups and torch's fused kernels (one launch per group on ZeRO's flat partitions,
+one pass over memory on a CPU), so no DeepSpeed op (FusedAdam, CPUAdam) is ever compiled;
+the LR is set per step by the loop.
+
+What each step costs beyond the plain loop (``benchmarks/engine_overhead.py``), and what we
+turn off where it buys nothing:
+- ``engine.precision=bf16`` at ZeRO-0 is DeepSpeed's ``torch_autocast`` mode: fp32 weights and
+  optimizer, the forward under ``torch.autocast``, exactly the plain AMP loop. DeepSpeed's own
+  bf16 mode would wrap the optimizer in its BF16_Optimizer (bf16 weights, fp32 master copies
+  partitioned over ranks, per-tensor casts and copies every step). At ZeRO 1-3 bf16 weights
+  and gradients are what partitioning is for (half the memory and traffic), so they stay.
+- bf16 has no loss scale, so DeepSpeed's per-tensor overflow scan (three kernels per tensor
+  per step) is off; the loop stops on a non-finite loss before it logs or commits anything.
+- Without clipping (``optim.grad_clip=0``, the recipe) ZeRO-1/2 skip the global gradient
+  norm, a cast and a norm kernel per tensor per step.
+- One worker at ZeRO-0: the gradient all-reduce is the identity, but DeepSpeed would still
+  flatten, scale and copy every gradient back; it is switched off.
 """
 
 from __future__ import annotations
@@ -39,6 +54,9 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: 
     if engine.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=device_type != "cpu",
                     reduce_scatter=True)
+    if engine.zero_stage in (1, 2) and not optim.grad_clip and engine.offload_optimizer == "none":
+        # Only clipping needs it; DeepSpeed computes it regardless at ZeRO-3 and with offload.
+        zero["compute_grad_norm"] = False
     if engine.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": engine.offload_optimizer,
                                      "pin_memory": device_type != "cpu"}
@@ -49,13 +67,16 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: 
         # Gather the full 16-bit weights when saving, so the consolidated model needs no
         # second pass; prefetch and persistence thresholds stay at DeepSpeed's defaults.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    autocast = engine.precision == "bf16" and engine.zero_stage == 0
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": engine.precision == "bf16"},
+        "bf16": {"enabled": engine.precision == "bf16" and not autocast,
+                 "check_grad_overflow": False},
+        "torch_autocast": {"enabled": autocast, "dtype": "bfloat16"},
         "fp16": {"enabled": engine.precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
                  "min_loss_scale": 1},
@@ -79,9 +100,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     for group in groups:  # right from the start; set_lr keeps the same ratio per step
         group["lr"] = optim.lr * group["lr_scale"]
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, foreach=False)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=True)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             foreach=False)
+                             fused=True)
 
 
 def _venv_ninja_first() -> None:
@@ -111,13 +132,16 @@ def build_engine(model: nn.Module, config: Config, *, world_size: int, device: t
     optimizer = build_optimizer(model, config.optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       dist_init_required=False)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank is the identity
     if config.model.compile:
         engine.compile()  # compiles the wrapped module in place; DeepSpeed keeps its hooks
     return engine
 
 
 def engine_dtype(engine) -> torch.dtype:
-    """The dtype the engine's module computes in (images are cast to it)."""
+    """The dtype the engine's module takes its input in (images are cast to it): bf16 or fp16
+    weights; fp32 otherwise, also under ``torch_autocast``, which casts inside the forward."""
     if engine.bfloat16_enabled():
         return torch.bfloat16
     if engine.fp16_enabled():

@@ -150,10 +150,10 @@ def _say(line: str) -> None:
         sys.stdout.flush()
 
 
-def check_finite(loss: float, step: int, dtype: torch.dtype) -> None:
+def check_finite(loss: float, step: int, precision: str) -> None:
     """Stop with the step named when the training loss is NaN or Inf (every rank sees it)."""
     if not math.isfinite(loss):
-        hint = "lower optim.lr" + (" or use engine.precision=fp32" if dtype != torch.float32 else
+        hint = "lower optim.lr" + (" or use engine.precision=fp32" if precision != "fp32" else
                                    " or raise optim.warmup_epochs")
         raise FloatingPointError(f"training loss is {loss} at step {step}: {hint}")
 
@@ -239,7 +239,7 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                     ema.update(tensors)
             if step % run.log_every == 0 or step == total_steps:
                 metrics = meter.flush(step, total_steps, device) | {"train/lr": lr, "epoch": epoch}
-                check_finite(metrics["train/loss"], step, dtype)
+                check_finite(metrics["train/loss"], step, config.engine.precision)
                 metrics.update(skipped_counts(train_loader, device))
                 _say(format_progress(step, total_steps, epoch, lr, metrics))
                 tracker.log(metrics, step)
@@ -253,7 +253,7 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
                         and step < total_steps and stop_agreed(stop_requested, device))
             if (boundary or stopping
                     or (run.checkpoint_every and step % run.checkpoint_every == 0)):
-                check_finite(loss.item(), step, dtype)  # never commit NaN weights
+                check_finite(loss.item(), step, config.engine.precision)  # never commit NaN weights
                 checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
             if stopping:
                 _say(f"stop requested: checkpoint of step {step} committed, stopping")

@@ -42,12 +42,12 @@ class PlainTargets(nn.Module):
         return images.float() / 255, F.one_hot(labels, 10).float()
 
 
-def build(digits, stage, seed):
+def build(digits, stage, seed, precision="fp32"):
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     config = load_config(overrides=[
         f"data.train_urls={digits['train']}", f"data.val_urls={digits['val']}",
         "model.name=t2t_vit_tiny", "model.compile=false", "model.img_size=32",
-        f"data.global_batch={GLOBAL_BATCH}", "data.loader_workers=0", "engine.precision=fp32",
+        f"data.global_batch={GLOBAL_BATCH}", "data.loader_workers=0", f"engine.precision={precision}",
         f"engine.zero_stage={stage}", "optim.grad_clip=1.0"])
     torch.manual_seed(seed)
     micro, _ = batch_split(GLOBAL_BATCH, world)
@@ -84,9 +84,9 @@ def record(checkpointer, loader, path, **extra):
                     **extra}, path)
 
 
-def straight_run(digits, stage, out):
+def straight_run(digits, stage, precision, out):
     """4 steps, a checkpoint after step 2."""
-    loader, engine, checkpointer = build(digits, stage, seed=0)
+    loader, engine, checkpointer = build(digits, stage, seed=0, precision=precision)
     loader.set_epoch(0)
     batches = iter(loader)
     train(checkpointer, loader, batches, 2)
@@ -96,9 +96,9 @@ def straight_run(digits, stage, out):
     record(checkpointer, loader, out / "straight.pt", losses=losses)
 
 
-def resumed_run(digits, stage, out):
+def resumed_run(digits, stage, precision, out):
     """Other initial weights, the checkpoint loaded, steps 3-4."""
-    loader, engine, checkpointer = build(digits, stage, seed=123)
+    loader, engine, checkpointer = build(digits, stage, seed=123, precision=precision)
     client = checkpointer.load(out / "ckpt")
     assert client["step"] == 2 and loader.state_dict()["position"] == 2 * GLOBAL_BATCH
     record(checkpointer, loader, out / "loaded.pt")
@@ -137,14 +137,20 @@ def run_ranks(world, task):
 # the 38,720 weights by up to 6e-3 (Adam's update on near-zero gradients follows their sign,
 # which the reduction order flips), while their losses agree to 2e-6.
 LOSS_GAP = {0: 1e-5, 1: 1e-5, 2: 1e-5, 3: 1e-4}
+# bf16 autocast rounds the matmuls of a 4-image and an 8-image rank batch differently (measured
+# 6.4e-5 at ZeRO-0); a wrong weight, moment or sample would move the loss by far more.
+BF16_LOSS_GAP = 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, saved_world, resumed_world",
-                         [(1, 2, 1), (2, 2, 1), (2, 1, 2), (0, 2, 1), (3, 2, 1), (3, 1, 2)])
-def test_resume_on_another_world_size(digits_shards, tmp_path, stage, saved_world, resumed_world):
-    run_ranks(saved_world, functools.partial(straight_run, digits_shards, stage, tmp_path))
-    run_ranks(resumed_world, functools.partial(resumed_run, digits_shards, stage, tmp_path))
+@pytest.mark.parametrize("stage, saved_world, resumed_world, precision",
+                         [(1, 2, 1, "fp32"), (2, 2, 1, "fp32"), (2, 1, 2, "fp32"), (0, 2, 1, "fp32"),
+                          (3, 2, 1, "fp32"), (3, 1, 2, "fp32"),
+                          (0, 2, 1, "bf16")])  # the shipped default: autocast over fp32 weights
+def test_resume_on_another_world_size(digits_shards, tmp_path, stage, saved_world, resumed_world,
+                                      precision):
+    run_ranks(saved_world, functools.partial(straight_run, digits_shards, stage, precision, tmp_path))
+    run_ranks(resumed_world, functools.partial(resumed_run, digits_shards, stage, precision, tmp_path))
     straight = torch.load(tmp_path / "straight.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
     saved = torch.load(tmp_path / "saved.pt", weights_only=False)
@@ -165,4 +171,4 @@ def test_resume_on_another_world_size(digits_shards, tmp_path, stage, saved_worl
     gaps = [abs(a - b) for a, b in zip(resumed["losses"], straight["losses"])]
     print(f"stage {stage}, {saved_world} -> {resumed_world} workers: losses {straight['losses']} "
           f"straight, {resumed['losses']} resumed, largest gap {max(gaps):.1e}")
-    assert max(gaps) < LOSS_GAP[stage]
+    assert max(gaps) < (LOSS_GAP[stage] if precision == "fp32" else BF16_LOSS_GAP)

@@ -19,9 +19,12 @@ def test_stage_and_precision(stage, precision):
     config = deepspeed_config(engine, OptimConfig(grad_clip=1.0), global_batch=512, world_size=8,
                               device_type="cuda")
     assert config["zero_optimization"]["stage"] == stage
-    assert config["bf16"]["enabled"] == (precision == "bf16")
+    # bf16 at ZeRO-0 is torch.autocast over fp32 weights (the plain AMP loop); with ZeRO, bf16 weights.
+    assert config["bf16"]["enabled"] == (precision == "bf16" and stage > 0)
+    assert config["torch_autocast"]["enabled"] == (precision == "bf16" and stage == 0)
     assert config["fp16"]["enabled"] == (precision == "fp16")
     assert config["gradient_clipping"] == 1.0
+    assert "compute_grad_norm" not in config["zero_optimization"]  # clipping needs the norm
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (512, 64, 1)
     assert "optimizer" not in config and "scheduler" not in config  # ours: client AdamW, per-step LR
@@ -39,9 +42,26 @@ def test_deepspeed_accepts_the_dict(stage, precision):
     parsed = DeepSpeedConfig(deepspeed_config(engine, OptimConfig(grad_clip=1.0), global_batch=64,
                                               world_size=1))
     assert parsed.zero_optimization_stage == stage
-    assert parsed.bfloat16_config.enabled == (precision == "bf16")
+    assert parsed.bfloat16_config.enabled == (precision == "bf16" and stage > 0)
+    assert parsed.torch_autocast_enabled == (precision == "bf16" and stage == 0)
+    assert not parsed.bfloat16_config.check_grad_overflow
     assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (16, 4)
     assert parsed.gradient_clipping == 1.0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gradient_norm_only_where_clipping_needs_it(stage):
+    """ZeRO-1/2 skip the per-tensor norm pass without clipping; DeepSpeed's parser takes it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for clip, offload in itertools.product((0.0, 1.0), ("none", "cpu")):
+        if stage == 0 and offload != "none":
+            continue
+        engine = EngineConfig(zero_stage=stage, offload_optimizer=offload)
+        config = deepspeed_config(engine, OptimConfig(grad_clip=clip), global_batch=64, world_size=1)
+        skipped = config["zero_optimization"].get("compute_grad_norm", True) is False
+        assert skipped == (stage in (1, 2) and clip == 0.0 and offload == "none")
+        assert DeepSpeedConfig(config).zero_config.compute_grad_norm == (not skipped)
 
 
 @pytest.mark.parametrize("global_batch, world, micro, expected", [
@@ -76,7 +96,8 @@ CPU_ZERO2_OFFLOAD = {
     "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
                           "reduce_scatter": True,
                           "offload_optimizer": {"device": "cpu", "pin_memory": False}},
-    "bf16": {"enabled": True},
+    "bf16": {"enabled": True, "check_grad_overflow": False},
+    "torch_autocast": {"enabled": False, "dtype": "bfloat16"},
     "fp16": {"enabled": False, "loss_scale": 0, "initial_scale_power": 16,
              "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
     "zero_force_ds_cpu_optimizer": False,
@@ -96,9 +117,9 @@ ZERO_SECTIONS = [
     (0, "none", "none", "cpu", {"stage": 0}),
     (0, "none", "none", "cuda", {"stage": 0}),
     (1, "none", "none", "cpu", {"stage": 1, "contiguous_gradients": True, "overlap_comm": False,
-                                "reduce_scatter": True}),
+                                "reduce_scatter": True, "compute_grad_norm": False}),
     (1, "none", "none", "cuda", {"stage": 1, "contiguous_gradients": True, "overlap_comm": True,
-                                 "reduce_scatter": True}),
+                                 "reduce_scatter": True, "compute_grad_norm": False}),
     (2, "cpu", "none", "cuda", {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
                                 "reduce_scatter": True,
                                 "offload_optimizer": {"device": "cpu", "pin_memory": True}}),
@@ -189,4 +210,5 @@ def test_built_from_its_arguments_alone():
     assert json.loads(json.dumps(config)) == config
     config["zero_optimization"]["stage"] = 3
     assert deepspeed_config(engine, optim, global_batch=64, world_size=4)["zero_optimization"] == {
-        "stage": 2, "contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True}
+        "stage": 2, "contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
+            "compute_grad_norm": False}
