@@ -6,22 +6,25 @@ Why the GPU's pixels differ from the CPU path's (``tests/test_data_gpu_decode.py
 torchvision's ``decode_jpeg(device="cuda")`` opens nvJPEG with ``NVJPEG_FLAGS_DEFAULT``, whose
 chroma upsampling for subsampled (4:2:0) JPEGs is nearest-neighbour, not libjpeg-turbo's
 default "fancy" (triangle) upsampling that Pillow and simplejpeg use; DALI's mixed decoder
-documents the same default (``jpeg_fancy_upsampling=False``). libjpeg-turbo's own non-fancy
-mode (simplejpeg ``fastupsample=True``) is that nearest-neighbour upsampling, so it stands in
-for nvJPEG here. Measured on the GPU test's images (uniform noise, 48x40, quality 90, 4:2:0;
-img_size 24), mean / max |diff| in levels against the CPU path, one cause at a time:
+documents the same default (``jpeg_fancy_upsampling=False``: "make the mixed backend use the
+same chroma upsampling approach as the cpu one"). libjpeg-turbo's own non-fancy mode (simplejpeg
+``fastupsample=True``; its chroma is constant over each 2x2 block) stands in for nvJPEG here.
+``benchmarks/dali_decode.py --causes`` measures each cause alone, mean / max |diff| in levels
+against the CPU path, on the GPU test's images (uniform noise, 48x40, quality 90, img_size 24):
 
-    nearest-neighbour chroma          train 6.97 / 68    eval 7.34 / 73
-    another IDCT (libjpeg's IFAST)    train 1.01 / 5     eval 1.02 / 5
-    the resize (old per-image float)  train 0.16 / 1     eval 0.18 / 5
-    the resize (crop_resize_batch)    train 0.05 / 2     eval 0.00 / 1
-    draft (reduced-scale decode)      none: no crop of a 48x40 image is 2x img_size
+    nearest-neighbour chroma, 4:2:0          train 6.82 / 70    eval 7.34 / 73
+    nearest-neighbour chroma, 4:4:4          train 0.04 / 2     eval 0.00 / 1  (no chroma to upsample)
+    another IDCT (libjpeg's IFAST)           train 1.02 / 5     eval 1.02 / 5
+    the resize, old per-image float          train 0.17 / 1     eval 0.18 / 5  (4:4:4: 0.19 / 11)
+    the resize, crop_resize_batch            train 0.05 / 2     eval 0.00 / 1
+    draft (reduced-scale decode)             none: no crop of a 48x40 image is 2x img_size
 
-and through the loaders, the training batches with nearest chroma differ by 6.28 (first
-batch; the H200 run measured 6.29), 6.53, 6.85, 6.89, 7.78, 6.85 and the evaluation batches by
-5.9 to 7.3. On 4:4:4 JPEGs (no chroma subsampling) nearest and fancy decode the same pixels.
-On a photo-like 500x375 image (img_size 224) nearest chroma costs 1.5 levels (train) and 1.8
-(eval), on a smooth one 0.4, on the digits upscaled 1.1 and 0.75.
+Nearest chroma on other 4:2:0 images: photo-like 500x375 (img_size 224) 1.68 train / 1.79
+eval, smooth 500x375 0.41 / 0.35, sklearn digits in two colors at 48x40 1.04 / 0.75. Through
+the loaders (``test_gpu_loader_with_a_cpu_decoder_gives_the_cpu_batches``, 4:2:0) the training
+batches with nearest chroma differ by 6.28 (the first; the H200 run of the GPU test measured
+6.29 there), 6.53, 6.85, 6.89, 7.78, 6.85, the evaluation batches by 5.9 to 7.3, any one image by
+at most 10.3; with libjpeg-turbo's chroma no image by more than 0.16.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def _images() -> dict[str, bytes]:
 
 def _decode(data: bytes, *, nearest_chroma: bool = False) -> torch.Tensor:
     """(3, H, W) uint8: libjpeg-turbo's pixels (Pillow's), or with nvJPEG's default chroma."""
-    return torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB", fastupsample=nearest_chroma)).permute(2, 0, 1)
+    pixels = simplejpeg.decode_jpeg(data, "RGB", fastupsample=nearest_chroma)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _crops(sizes: list[tuple[int, int]], seeds: range) -> tuple[list, list]:
@@ -102,9 +106,9 @@ def test_training_crops_are_the_cpu_resize(img_size):
     for k, (image, (left, top, width, height), flip) in enumerate(zip(batch, boxes, flips)):
         if image is None:
             continue
-        reference = _crop_resize(image.permute(1, 2, 0).numpy(), (left, top, left + width, top + height),
-                                 img_size, flip).transpose(2, 0, 1)
-        difference = (got[k].int() - torch.from_numpy(reference.copy()).int()).abs()
+        reference = _crop_resize(image.permute(1, 2, 0).numpy(),
+                                 (left, top, left + width, top + height), img_size, flip)
+        difference = (got[k].int() - torch.from_numpy(reference.transpose(2, 0, 1).copy()).int()).abs()
         assert difference.float().mean() <= 0.25 and difference.max() <= 2, (k, boxes[k])
         off_by_two += int((difference > 1).sum())
     assert off_by_two <= 0.001 * got[0].numel() * (len(batch) - 1)
@@ -118,8 +122,8 @@ def test_evaluation_crops_are_pillows_bicubic(img_size):
     got = crop_resize_batch([_decode(data) for data in blobs.values()], img_size, boxes=None,
                             flips=torch.ones(len(blobs), dtype=torch.bool), crop_pct=0.875)
     for k, data in enumerate(blobs.values()):
-        reference = torch.from_numpy(decode_eval(data, img_size, crop_pct=0.875).transpose(2, 0, 1).copy())
-        difference = (got[k].int() - reference.int()).abs()
+        reference = decode_eval(data, img_size, crop_pct=0.875).transpose(2, 0, 1)
+        difference = (got[k].int() - torch.from_numpy(reference.copy()).int()).abs()
         assert difference.float().mean() <= 0.01 and difference.max() <= 2, list(blobs)[k]
 
 
@@ -131,9 +135,10 @@ def test_groups_bound_memory_and_keep_the_pixels(monkeypatch):
     assert _window_groups([10, 10], [10, 10], 1) == [[0], [1]]
     images = [_decode(data) for data in _images().values()]
     boxes, flips = _crops([(image.shape[-1], image.shape[-2]) for image in images], range(1))
-    whole = crop_resize_batch(images, 32, boxes=torch.tensor(boxes), flips=torch.tensor(flips), crop_pct=0.875)
+    crops = dict(boxes=torch.tensor(boxes), flips=torch.tensor(flips), crop_pct=0.875)
+    whole = crop_resize_batch(images, 32, **crops)
     monkeypatch.setattr("t2t_dist.data.transforms.GROUP_WINDOW_PIXELS", 1)
-    split = crop_resize_batch(images, 32, boxes=torch.tensor(boxes), flips=torch.tensor(flips), crop_pct=0.875)
+    split = crop_resize_batch(images, 32, **crops)
     assert torch.equal(whole, split)
     assert not crop_resize_batch([None, None], 8, boxes=None, flips=torch.zeros(2, dtype=torch.bool),
                                  crop_pct=0.875).any()

@@ -31,10 +31,10 @@ through Pillow.
 flips the whole batch in a fixed number of launches, with the CPU path's filters (its pixels
 within 1-2 levels of the CPU path's on the same decoded image). The decode itself differs:
 nvJPEG (as torchvision opens it) upsamples 4:2:0 chroma nearest-neighbour where libjpeg-turbo
-interpolates ("fancy" upsampling), which moves pixels by 0.4 (smooth photos) to 1.5-1.8
+interpolates ("fancy" upsampling), which moves pixels by 0.4 (smooth photos) to 1.7-1.8
 (textured photos) levels on average and by ~7 on pure noise, and it has its own IDCT (<= 1
 level); 4:4:4 JPEGs have no chroma to upsample. Full-size photos are decoded at full size, not
-at ``draft``'s reduced scale. Measurements: ``tests/test_data_batch_resize.py``.
+at ``draft``'s reduced scale (``benchmarks/dali_decode.py --causes``).
 """
 
 from __future__ import annotations
