@@ -101,7 +101,7 @@ _PLAN = ("factor", "grey", "mean_grey", "smoothed", "autocontrast", "equalize", 
 _ERASE_AREA = (0.02, 1 / 3)  # of the image
 _ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 _ERASE_ATTEMPTS = 10
-_BILINEAR_SLACK = 1e-3  # levels: float32 interpolation error, far below PIL's own rounding
+_BILINEAR_SLACK = 1e-3  # levels added before truncating a bilinear sample (see _geometric)
 _PIL_LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's RGB -> L, fixed point
 
 
