@@ -63,9 +63,9 @@ def run(driver, digits_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_zero2(driver, digits_shards, tmp_path_factory):
-    """ZeRO-2, as `make demo` trains."""
-    return source_run("demo-like", 2, tmp_path_factory.mktemp("zero2"), digits_shards)
+def run_zero0(driver, digits_shards, tmp_path_factory):
+    """ZeRO-0 (bf16 as torch autocast over fp32 weights), as `make demo` trains."""
+    return source_run("demo-like", 0, tmp_path_factory.mktemp("zero0"), digits_shards)
 
 
 def eval_metrics(client, experiment, run_name):
@@ -75,14 +75,14 @@ def eval_metrics(client, experiment, run_name):
 
 
 # (zero_stage, workers, checkpoint named by, EMA weights, loss matches bit for bit)
-CASES = [(2, 1, "checkpoint", False, True), (2, 2, "run_name", False, True),
+CASES = [(0, 1, "checkpoint", False, True), (0, 2, "run_name", False, True),
          (3, 1, "checkpoint", False, False), (3, 2, "run_name", True, True)]
 
 
 @pytest.mark.parametrize("zero_stage, workers, how, ema, exact_loss", CASES)
 def test_evaluate_scores_what_training_scored_at_that_step(request, zero_stage, workers, how, ema,
                                                            exact_loss, capsys):
-    source_run = request.getfixturevalue("run_zero2" if zero_stage == 2 else "run")
+    source_run = request.getfixturevalue("run_zero0" if zero_stage == 0 else "run")
     assert source_run.checkpoint.name == f"checkpoint_step_{STEPS:08d}"
     source = str(source_run.checkpoint) if how == "checkpoint" else source_run.name
     name = f"eval-{zero_stage}-{how}-{workers}-{ema}"
@@ -202,7 +202,7 @@ def test_finetune_from_our_run_at_another_size_and_class_count(run, five_digits,
     params = found.data.params
     assert params["optim.optimizer"] == "sgd" and params["optim.backbone_lr_scale"] == "0.01"
     assert params["model.img_size"] == "48" and params["model.num_classes"] == "5"
-    assert params["engine.zero_stage"] == "2" and params["scaling.num_workers"] == "2"
+    assert params["engine.zero_stage"] == "0" and params["scaling.num_workers"] == "2"
     assert improved(history), history
     out = capsys.readouterr().out
     assert "fine-tuning t2t_vit_tiny from" in out and "/runs/source/checkpoint_step_" in out
