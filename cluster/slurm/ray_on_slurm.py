@@ -20,6 +20,12 @@ same way); it gets ``RAY_ADDRESS`` of this cluster. CPUs and GPUs per node come 
   (``scontrol requeue``). The requeued job runs the same command, so the same ``run.name``
   resumes from that checkpoint. Keep the signal's lead above the grace plus Ray's stop.
 
+Ray token auth (``RAY_AUTH_MODE=token``, the sbatch default): the dashboard listens on every
+interface of the head, so the job refuses to start (one line, exit 2) when the token is empty,
+``RAY_AUTH_TOKEN_PATH`` does not exist, or the token file is open to group or others or
+belongs to someone else; ~/.ray/auth_token is created 0600 when missing. Without token auth
+the dashboard listens on the head's 127.0.0.1 only. The token is never printed.
+
 Why not ``ray symmetric-run``: it refuses to start when any Ray runs on the node and ends with
 ``ray stop``, which kills every Ray of the node, other jobs' too (shared nodes); it does not
 handle SIGTERM either.
@@ -30,8 +36,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -121,18 +129,76 @@ def node_step(node: str, ray_args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
-def ensure_auth_token(env: dict[str, str]) -> str:
-    """With RAY_AUTH_MODE=token (the sbatch default) and no token given, Ray's default token
-    file ~/.ray/auth_token (a shared home: every node and the login node read it) is created
-    once. Returns where the token comes from, for the log."""
+class TokenError(Exception):
+    """The Ray auth token is missing, empty or readable by others: the job must not start."""
+
+
+def dashboard_host(env: dict[str, str]) -> str:
+    """Every interface with token auth (``ray job submit`` from the login node); the head's
+    loopback only without it, where anyone reaching the port could run code as us."""
+    return "0.0.0.0" if env.get("RAY_AUTH_MODE", "disabled") == "token" else "127.0.0.1"
+
+
+def write_new_token(path: Path) -> None:
+    """A new token (256 random bits, as ``ray get-auth-token --generate`` makes) at ``path``,
+    mode 0600 from the start (Ray's own writes it with the umask, often 0644). Linked into
+    place complete, so a job starting at the same moment sees the whole token or none."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(32))
+        os.link(partial, path)
+    except FileExistsError:
+        pass  # another job made it first: the checks below read theirs
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def check_private(path: Path, origin: str) -> None:
+    """Refuse a token file that is not ours alone: another user who can read it can run code
+    as us on every node of the cluster."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise TokenError(f"{origin} {path} is not a regular file")
+    if info.st_uid != os.getuid():
+        raise TokenError(f"{origin} {path} belongs to uid {info.st_uid}, not to you "
+                         f"(uid {os.getuid()}): make your own token")
+    if info.st_mode & 0o077:
+        raise TokenError(f"{origin} {path} is open to group or others "
+                         f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path} and make a "
+                         f"new token (delete it; the next job creates one), the old one may be known")
+    if info.st_size == 0 or not path.read_text().strip():
+        raise TokenError(f"{origin} {path} is empty")
+
+
+def ensure_auth_token(env: dict[str, str], home: Path | None = None) -> str:
+    """Check the Ray auth token before anything starts; returns where it comes from, for
+    the log (never the token itself).
+
+    With RAY_AUTH_MODE=token (the sbatch default), Ray takes the token from RAY_AUTH_TOKEN,
+    else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (a shared home: every node
+    and the login node read it). That default file is created 0600 when missing; a token
+    that is empty, or a file that group or others can read, stops the job (TokenError).
+    """
     if env.get("RAY_AUTH_MODE", "disabled") != "token":
-        return "token auth disabled (RAY_AUTH_MODE)"
-    if env.get("RAY_AUTH_TOKEN"):
+        return "token auth disabled (RAY_AUTH_MODE): the dashboard listens on 127.0.0.1 only"
+    if "RAY_AUTH_TOKEN" in env:
+        if not env["RAY_AUTH_TOKEN"].strip():
+            raise TokenError("RAY_AUTH_TOKEN is set but empty")
         return "token from RAY_AUTH_TOKEN"
     if env.get("RAY_AUTH_TOKEN_PATH"):
-        return f"token from {env['RAY_AUTH_TOKEN_PATH']}"
-    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
-    return "token from ~/.ray/auth_token"
+        path, origin = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser(), "RAY_AUTH_TOKEN_PATH"
+        if not path.exists():
+            raise TokenError(f"RAY_AUTH_TOKEN_PATH={path} does not exist")
+    else:
+        home = home or Path(env.get("HOME") or Path.home())
+        path, origin = home / ".ray" / "auth_token", "the Ray token file"
+        if not path.exists():
+            write_new_token(path)
+    check_private(path, origin)
+    return f"token from {path}"
 
 
 class Stop(Exception):
@@ -191,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     args, job = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         allocation = Allocation.from_env(dict(os.environ))
-    except (ValueError, subprocess.CalledProcessError) as error:
+        # Before any Ray process: a job whose token others can read must not start.
+        token_source = ensure_auth_token(dict(os.environ))
+    except (ValueError, TokenError, OSError, subprocess.CalledProcessError) as error:
         print(f"ray_on_slurm: error: {error}", file=sys.stderr)
         return 2
     head_node = allocation.nodes[0]
@@ -203,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ray_on_slurm: job {allocation.job_id} (restart {allocation.restarts}), "
           f"nodes {' '.join(allocation.nodes)}, CPUs {allocation.cpus}, "
           f"{allocation.gpus} GPUs per node, head {address}, "
-          f"{ensure_auth_token(dict(os.environ))}; running {' '.join(job)}", flush=True)
+          f"{token_source}; running {' '.join(job)}", flush=True)
 
     common = [f"--temp-dir={temp_dir}", f"--num-gpus={allocation.gpus}", "--disable-usage-stats"]
     head = job_process = None
@@ -214,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         head = node_step(head_node, [
             "--head", f"--node-ip-address={head_ip}", f"--num-cpus={allocation.cpus[0]}",
-            "--dashboard-host=0.0.0.0", *common, *ray_port_args(args.port_base, head=True)
-            ] + ([] if args.port_base else ["--port=6379"]),
+            f"--dashboard-host={dashboard_host(dict(os.environ))}", *common,
+            *ray_port_args(args.port_base, head=True)] + ([] if args.port_base else ["--port=6379"]),
             logs / f"ray-head-{allocation.job_id}.log")
         wait_for_head(temp_dir, head, HEAD_TIMEOUT_S)
         for node, cpus in zip(allocation.nodes[1:], allocation.cpus[1:]):
