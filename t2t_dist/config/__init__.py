@@ -15,16 +15,20 @@ import yaml
 
 from t2t_dist.config.base import ConfigError, flatten, from_dict, to_dict
 from t2t_dist.config.data import DataConfig
+from t2t_dist.config.engine import EngineConfig, batch_split, check_precision_device
 from t2t_dist.config.model import ModelConfig
-from t2t_dist.config.train import (EngineConfig, OptimConfig, RunConfig, ScalingConfig,
-                                   batch_split, check_precision_device)
+from t2t_dist.config.optim import OptimConfig
+from t2t_dist.config.run import RunConfig, ScalingConfig
 from t2t_dist.config.tune import TuneConfig, check_space_fields
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split",
-    "check_precision_device", "flatten", "from_dict", "load_config", "run_name", "save_config", "to_dict",
+    "RunConfig", "SAVED_CONFIG", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split",
+    "check_precision_device", "flatten", "from_dict", "load_config", "run_dir", "run_name",
+    "save_config", "to_dict",
 ]
+
+SAVED_CONFIG = "t2t_config.yaml"  # the resolved config, saved in the run's folder (``run_dir``)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +54,14 @@ def run_name(config: Config) -> str:
     ``t2t_vit_14-224px-1000cls``."""
     model = config.model
     return config.run.name or f"{model.name}-{model.img_size}px-{model.num_classes}cls"
+
+
+def run_dir(config: Config, name: str = "") -> str:
+    """The folder Ray keeps a run in, ``<run.storage_path>/<name>`` (``name``: ``run.name``):
+    a training run's checkpoints, saved config (``SAVED_CONFIG``) and stop records; with a
+    sweep's ``tune.name``, the sweep's Tune folder. A local path or a URL (s3://...)."""
+    storage, name = config.run.storage_path, name or config.run.name
+    return f"{storage.rstrip('/')}/{name}" if storage else name
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

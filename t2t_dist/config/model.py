@@ -7,7 +7,7 @@ from typing import Any
 
 from t2t_dist.config.base import check_choice, check_positive, check_range
 
-ATTENTION_PATHS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager")
 TOKENIZERS = ("performer", "transformer", "convolution", "patch")
 BLOCKS = ("standard", "se", "ghost", "dense")
 # Fields of the variant a run may change; 0 / "" keep the variant's own value.
@@ -36,7 +36,7 @@ class ModelConfig:
         check_positive("model.img_size", self.img_size)
         check_positive("model.num_classes", self.num_classes)
         check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
-        check_choice("model.attention", self.attention, ATTENTION_PATHS)
+        check_choice("model.attention", self.attention, ATTENTIONS)
         for name in ("depth", "embed_dim", "num_heads", "mlp_ratio"):
             check_range(f"model.{name}", getattr(self, name), 0)
         check_choice("model.tokens", self.tokens, ("", *TOKENIZERS))

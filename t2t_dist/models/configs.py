@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from t2t_dist.config.base import ConfigError, check_choice, check_positive, check_range, fail
-from t2t_dist.config.model import BLOCKS, TOKENIZERS
-ATTENTIONS = ("sdpa", "eager")
+from t2t_dist.config.model import ATTENTIONS, BLOCKS, TOKENIZERS, ModelConfig
+
 POS_EMBEDS = ("sinusoid", "learned")
 
 
@@ -187,3 +187,13 @@ def get_config(name: str, **overrides) -> T2TViTConfig:
         if key not in known:
             raise ConfigError(f"unknown model override {key!r}: expected one of {', '.join(known)}")
     return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+def resolve(model: ModelConfig) -> T2TViTConfig:
+    """The variant table's config for a run's ``model`` section: the variant ``model.name``
+    with the run's image size, classes, drop path, attention and architecture overrides.
+    Raises a one-line ConfigError when the result is not buildable (heads must divide widths,
+    the image size must fit the tokenizer's stride)."""
+    return get_config(model.name, **model.architecture(), img_size=model.img_size,
+                      num_classes=model.num_classes, drop_path_rate=model.drop_path_rate,
+                      attention=model.attention)
