@@ -26,15 +26,15 @@ from typing import Any, Mapping
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from t2t_dist.checkpoint import DEEPSPEED_TAG
-from t2t_dist.config import ModelConfig, from_dict
-from t2t_dist.models import create_model, load_pretrained
+from t2t_dist.config import SAVED_CONFIG, ModelConfig, from_dict
+from t2t_dist.models import T2TViT, load_pretrained, resolve
 from t2t_dist.models.pretrained import PREFIXES, SUB_DICTS
-from t2t_dist.tracking import artifact_location
+from t2t_dist.tracking import experiment_id, mlflow_client
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-SAVED_CONFIG = "t2t_config.yaml"  # written beside a run's checkpoints by the launcher
 FORMATS = ("pt", "safetensors")
 
 
@@ -93,8 +93,6 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
                                 f"file, a run's checkpoint folder, a run name or an MLflow "
                                 f"model URI (models:/NAME@ALIAS, runs:/ID/model)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     # timm-style training checkpoints also pickle their argparse.Namespace of arguments.
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -116,6 +114,7 @@ def consolidate_checkpoint(directory: str | Path, *, ema: bool = False) -> dict[
                                 f"'{DEEPSPEED_TAG}/'")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    # deepspeed: ~1.2 s to import, and it must see DS_ACCELERATOR first (above).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG)
@@ -125,7 +124,7 @@ def consolidate_checkpoint(directory: str | Path, *, ema: bool = False) -> dict[
 
 def load_mlflow_state_dict(uri: str, tracking_uri: str = "") -> dict[str, torch.Tensor]:
     """The state dict of an MLflow PyTorch model (``models:/name@alias``, ``runs:/id/model``)."""
-    import mlflow
+    import mlflow  # ~1 s: only for MLflow sources
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -200,9 +199,7 @@ def load_weights(model: torch.nn.Module, weights: Weights, *, new_head: bool) ->
 
 def model_for(model_config: ModelConfig) -> torch.nn.Module:
     """A fresh CPU model of ``model_config`` (variant, image size, classes, architecture)."""
-    return create_model(model_config.name, img_size=model_config.img_size,
-                        num_classes=model_config.num_classes, attention=model_config.attention,
-                        **model_config.architecture())
+    return T2TViT(resolve(model_config))
 
 
 def released_state_dict(weights: Weights, model_config: ModelConfig | None = None
@@ -235,8 +232,6 @@ def save_weights(state: Mapping[str, torch.Tensor], out: str | Path, fmt: str = 
         raise ValueError(f"--format {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
         save_file(dict(state), str(out), metadata=metadata or {})
     else:
         torch.save(dict(state), out)
@@ -248,21 +243,18 @@ def register_model(state: Mapping[str, torch.Tensor], *, model_config: ModelConf
                    tags: dict[str, str] | None = None) -> tuple[str, str]:
     """Log ``state`` as an MLflow PyTorch model in a new run of ``experiment``, register it as
     ``name`` and point ``alias`` at the new version; returns (version, ``models:/name@alias``)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    import mlflow  # ~1 s: only when registering
 
     model = model_for(model_config)
     model.load_state_dict(dict(state), strict=True)
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else mlflow.create_experiment(
-        experiment, artifact_location=artifact_location(tracking_uri, experiment))
     torch_version = torch.__version__.split("+")[0]
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"export-{name}",
+    with mlflow.start_run(experiment_id=experiment_id(tracking_uri, experiment),
+                          run_name=f"export-{name}",
                           tags={k: str(v) for k, v in (tags or {}).items()}):
         info = mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=name,
                                         serialization_format="pickle",
                                         pip_requirements=[f"torch=={torch_version}"])
     version = str(info.registered_model_version)
-    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, version)
     return version, f"models:/{name}@{alias}"

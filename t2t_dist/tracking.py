@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.config import Config, flatten, to_dict
+from t2t_dist.config import Config, flatten, run_dir, to_dict
 
 RUN_NAME_TAG = "t2t_dist.run_name"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -54,6 +54,31 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     if not tracking_uri.startswith(prefix):
         return None
     return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts" / experiment).as_uri()
+
+
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` on ``tracking_uri``."""
+    import mlflow  # ~1 s: only where MLflow is written or read (rank 0, the driver, the CLI)
+
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def experiment_id(tracking_uri: str, experiment: str) -> str:
+    """The id of the experiment named ``experiment``, created when missing (its artifacts
+    beside an sqlite store: ``artifact_location``)."""
+    client = mlflow_client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=artifact_location(
+        tracking_uri, experiment))
+
+
+def find_run(client, experiment_id: str, tag: str, value: str):
+    """The newest run of the experiment whose tag ``tag`` is ``value``; None when none is."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def config_params(config: Config) -> dict[str, str]:
@@ -110,7 +135,7 @@ class MlflowTracker:
                  params: dict[str, str], tags: dict[str, Any] | None = None,
                  system_metrics: bool = True, retry_every_s: float = 30.0,
                  offline_path: str | Path | None = None) -> None:
-        import mlflow
+        import mlflow  # ~1 s: rank 0 only; the other ranks' NullTracker never needs it
 
         for name, value in FAST_FAIL_ENV.items():
             os.environ.setdefault(name, value)
@@ -137,21 +162,15 @@ class MlflowTracker:
         logged step of every metric."""
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
-        found = mlflow.get_experiment_by_name(self.experiment)
-        experiment_id = found.experiment_id if found else mlflow.create_experiment(
-            self.experiment, artifact_location=artifact_location(self.tracking_uri,
-                                                                 self.experiment))
-        existing = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
-                                      filter_string=f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+        client = mlflow.MlflowClient(self.tracking_uri)
+        experiment = experiment_id(self.tracking_uri, self.experiment)
+        existing = find_run(client, experiment, RUN_NAME_TAG, self.run_name)
         if self._system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
-        run_id = existing[0].info.run_id if existing else None
+        run_id = existing.info.run_id if existing else None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
-                               experiment_id=experiment_id,
-                               log_system_metrics=self._system_metrics)
+                               experiment_id=experiment, log_system_metrics=self._system_metrics)
         data = mlflow.get_run(run.info.run_id).data
-        client = mlflow.MlflowClient(self.tracking_uri)
         self._last_step = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
                            for key in data.metrics if not key.startswith("system/")}
         # MLflow params are immutable: a resubmission keeps the first values and records
@@ -272,8 +291,8 @@ def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTr
         return NullTracker()
     # Metrics a tracking server never got land beside the checkpoints (a local temp file
     # when those are in object storage).
-    storage = config.run.storage_path
-    offline = None if "://" in storage else Path(storage) / config.run.name / "mlflow-offline.jsonl"
+    local = "://" not in config.run.storage_path
+    offline = Path(run_dir(config)) / "mlflow-offline.jsonl" if local else None
     tracker = MlflowTracker(tracking_uri=resolve_tracking_uri(config.run.tracking_uri),
                             experiment=config.run.experiment, run_name=config.run.name,
                             params=config_params(config), tags=tags, offline_path=offline)
