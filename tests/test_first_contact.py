@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from t2t_dist.config import ConfigError, load_config, run_name, to_dict
 from t2t_dist.launch import prepare, preflight
-from t2t_dist.launch.preflight import check_resumable, save_resolved_config
+from t2t_dist.launch.driver import save_resolved_config
+from t2t_dist.launch.preflight import check_resumable
 from t2t_dist.tracking import RUN_NAME_TAG
 
 REPO = Path(__file__).resolve().parents[1]

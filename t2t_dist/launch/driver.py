@@ -9,19 +9,20 @@ under ``ray job submit`` (``RAY_ADDRESS`` points at the cluster).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-from t2t_dist.config import Config, run_name, to_dict
-from t2t_dist.launch.preflight import check_model, is_remote, save_resolved_config
+import yaml
+
+from t2t_dist.config import SAVED_CONFIG, Config, run_dir, run_name, to_dict
+from t2t_dist.data import is_demo_url, map_local_parts, resolve_demo_urls
+from t2t_dist.launch.preflight import check_model, is_remote
+from t2t_dist.launch.stop import raise_if_stopped, stop_on_signals
+from t2t_dist.storage import open_store
 from t2t_dist.tracking import resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
@@ -38,8 +39,6 @@ def absolute_path(path: str, cwd: Path) -> str:
 def resolve_urls(pattern: str, *, cwd: Path, img_size: int) -> str:
     """Shard URLs as workers anywhere can read them: ``digits://`` built in the cache, local
     parts absolute; s3:// and other URLs as they are."""
-    from t2t_dist.data import is_demo_url, map_local_parts, resolve_demo_urls
-
     if is_demo_url(pattern):
         return resolve_demo_urls(pattern, img_size=img_size)
     return map_local_parts(pattern, lambda part: absolute_path(part, cwd))
@@ -88,7 +87,7 @@ def run_tags(config: Config) -> dict[str, str]:
     return {"git_commit": commit or "unknown",
             "ray_job_id": context.get_job_id(),
             "ray_submission_id": submission_id() or "none",
-            "checkpoint_location": f"{config.run.storage_path.rstrip('/')}/{config.run.name}",
+            "checkpoint_location": run_dir(config),
             "model": config.model.name}
 
 
@@ -111,7 +110,7 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from t2t_dist.launch.train import train_worker
+    from t2t_dist.launch.train_worker import train_worker
 
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
@@ -137,56 +136,11 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     )
 
 
-class TrainingStopped(RuntimeError):
-    """The workers stopped the run on purpose (a non-finite loss); the message says why and
-    at which step. Not retried: the last good checkpoint stays the run's latest."""
-
-
-class RunPreempted(RuntimeError):
-    """The driver got ``signum`` (SIGTERM or SIGUSR1) and the workers stopped after committing
-    a checkpoint: the same command resumes the run there."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def stop_on_signals(config: Config):
-    """While inside: the first SIGTERM or SIGUSR1 asks the workers to commit a checkpoint and
-    stop (``request_stop``) instead of ending the driver; a second one ends it at once.
-    Yields the list the received signal is appended to. Only in the main thread (Python
-    delivers signals there); elsewhere the default handling stays."""
-    from t2t_dist.launch.train import clear_stop_request, request_stop
-
-    received: list[int] = []
-    clear_stop_request(config)  # a request an earlier submission of this name left
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def ask_workers(signum, _frame):
-        if received:  # the second signal: do what it would have done
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        received.append(signum)
-        request_stop(config, signal.Signals(signum).name)
-        sys.stdout.write(f"{signal.Signals(signum).name} received: the workers commit a checkpoint "
-                         f"within run.stop_check_every={config.run.stop_check_every} steps and "
-                         f"stop (send it again to end the driver now)\n")
-        sys.stdout.flush()
-
-    previous = {signum: signal.signal(signum, ask_workers) for signum in STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        clear_stop_request(config)
+def save_resolved_config(config: Config) -> str:
+    """Write the resolved config into the run's folder, beside its checkpoints; returns its URL."""
+    store = open_store(run_dir(config))
+    store.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    return store.url(SAVED_CONFIG)
 
 
 def launch(config: Config):
@@ -194,25 +148,14 @@ def launch(config: Config):
 
     Raises ``TrainingStopped`` when the workers ended the run early (see ``train_worker``),
     ``RunPreempted`` when they stopped after a checkpoint because the driver got SIGTERM or
-    SIGUSR1 (``stop_on_signals``).
+    SIGUSR1 (``stop.stop_on_signals``).
     """
-    from t2t_dist.launch.train import read_stop
-
     connect(config)
     save_resolved_config(config)
-    read_stop(config, clear=True)  # a record left by an earlier submission of this name
     trainer = build_trainer(config, run_tags(config))
     with stop_on_signals(config) as received:
         result = trainer.fit()
-    stopped = read_stop(config)
-    if stopped.get("kind") == "requested":
-        checkpoint = result.checkpoint.path if result.checkpoint else "none"
-        name = signal.Signals(received[0]).name if received else "a stop request"
-        raise RunPreempted(f"stopped on {name} at {stopped['message']} with checkpoint "
-                           f"{checkpoint}; the same command resumes {config.run.name} there",
-                           received[0] if received else signal.SIGTERM)
-    if stopped:
-        raise TrainingStopped(stopped["message"])
+    raise_if_stopped(config, result, received)
     return result
 
 

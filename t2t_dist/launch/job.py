@@ -21,7 +21,8 @@ import sys
 import yaml
 
 from t2t_dist.config import Config, ConfigError
-from t2t_dist.launch.driver import RunPreempted, TrainingStopped, launch, summary
+from t2t_dist.launch.driver import launch, summary
+from t2t_dist.launch.stop import RunPreempted, TrainingStopped
 
 # What bad input (flags, config files, --set values, paths, credentials) raises.
 INPUT_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, yaml.YAMLError)

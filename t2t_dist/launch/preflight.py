@@ -8,7 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from t2t_dist.config import Config, ConfigError, flatten, to_dict
+from t2t_dist.config import SAVED_CONFIG, Config, ConfigError, flatten, run_dir, to_dict
+from t2t_dist.data import check_shards_exist
+from t2t_dist.models import list_models, resolve
+from t2t_dist.storage import open_store
 
 
 def is_remote(path: str) -> bool:
@@ -28,8 +31,6 @@ def brace_count(pattern: str) -> int:
 
 def check_shards_resolve(field: str, pattern: str):
     """``check_shards_exist`` with its errors as one-line ConfigErrors naming the field."""
-    from t2t_dist.data import check_shards_exist
-
     if brace_count(pattern) > MAX_SHARDS:
         raise ConfigError(f"data.{field}={pattern!r} is invalid: it names "
                           f"{brace_count(pattern):,} shards; expected at most {MAX_SHARDS:,}")
@@ -46,26 +47,11 @@ def check_shards_resolve(field: str, pattern: str):
 DEFINING_FIELDS = ("model.name", "model.img_size", "model.num_classes", "engine.zero_stage")
 DEFINING_SECTIONS = ("model.",)  # plus architecture overrides a sweep may set
 MAY_CHANGE = {"model.pretrained", "model.compile", "model.attention", "model.drop_path_rate"}
-SAVED_CONFIG = "t2t_config.yaml"
-
-
-def run_store(config: Config):
-    """The store of the run's folder: ``<run.storage_path>/<run.name>``."""
-    from t2t_dist.storage import open_store
-
-    return open_store(f"{config.run.storage_path.rstrip('/')}/{config.run.name}")
-
-
-def save_resolved_config(config: Config) -> str:
-    """Write the resolved config beside the run's checkpoints; returns its URL."""
-    store = run_store(config)
-    store.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
-    return store.url(SAVED_CONFIG)
 
 
 def check_resumable(config: Config) -> None:
     """A run name that already holds another model's checkpoints is refused, in one line."""
-    store = run_store(config)
+    store = open_store(run_dir(config))
     try:
         saved = flatten(yaml.safe_load(store.get(SAVED_CONFIG)) or {})
     except FileNotFoundError:
@@ -89,8 +75,6 @@ def check_resumable(config: Config) -> None:
 
 def check_model_name(name: str) -> None:
     """An unknown variant lists the nearest names first, then all of them."""
-    from t2t_dist.models import list_models
-
     names = list_models()
     if name in names:
         return
@@ -102,12 +86,8 @@ def check_model_name(name: str) -> None:
 def check_model(config: Config) -> None:
     """The variant with this run's overrides is buildable (heads divide widths, the image size
     fits the tokenizer's stride), checked here rather than in every worker."""
-    from t2t_dist.models import get_config
-
-    model = config.model
-    check_model_name(model.name)
-    get_config(model.name, **model.architecture(), img_size=model.img_size,
-               num_classes=model.num_classes, drop_path_rate=model.drop_path_rate)
+    check_model_name(config.model.name)
+    resolve(config.model)
 
 
 def preflight(config: Config) -> None:
