@@ -1,16 +1,21 @@
 """One checkpointer for everything that must survive a restart: save, publish and restore.
 
-A checkpoint directory holds, written by every rank into its own local folder and merged
-by Ray Train into one persistent directory:
+What is saved: the DeepSpeed engine (model, optimizer, LR scheduler), the process RNG, and
+every entry of one mapping of stateful parts (anything with ``state_dict()`` and
+``load_state_dict()``): the loader's position, the samples seen, the EMA weights. A new
+piece of training state is one more entry. A checkpoint directory holds, written by every
+rank into its own local folder and merged by Ray Train into one persistent directory:
 
     state/                      DeepSpeed: model + every rank's ZeRO optimizer shards
     latest                      DeepSpeed's pointer to ``state``
-    ema.pt                      rank 0: the EMA weights (identical on every rank)
-    client/rank_00000.pt        per rank, written last: step, epoch, data-loader position,
-                                RNG states, samples seen per epoch, and the size of every
-                                file this rank wrote (the rank's commit marker)
+    ema.pt                      rank 0: a ``Replicated`` entry (the same on every rank), once
+    client/rank_00000.pt        per rank, written last: step, epoch, RNG states, every other
+                                entry under its name ("loader", "samples_seen"), and the
+                                size of every file this rank wrote (the rank's commit marker)
 
-    checkpointer = Checkpointer(engine, loader=train_loader, ema=ema, publish=publish)
+    ledger = SampleLedger()
+    checkpointer = Checkpointer(engine, {"loader": train_loader, "samples_seen": ledger,
+                                         "ema": Replicated(ema)}, publish=publish)
     checkpointer.commit(step=step, epoch=epoch, metrics=metrics)   # save + hand to Ray Train
     progress = checkpointer.restore(ray.train.get_checkpoint())     # None on a fresh start
 
@@ -39,13 +44,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from t2t_dist import dist
-from t2t_dist.optim import WeightEma
 
 DEEPSPEED_TAG = "state"  # one DeepSpeed checkpoint per directory, so a fixed tag
 UNIVERSAL_TAG = "state_universal"
@@ -89,10 +93,11 @@ def sample_fingerprints(images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class SampleLedger:
     """Training samples seen per epoch, summed over ranks: a count and an order-free fingerprint.
 
-    ``add`` counts this rank's batches; ``sync`` (a collective, called by every rank at each
-    save) folds every rank's new counts into the global totals, so the totals carry over to
-    any number of workers. After a full epoch, ``count`` equals the epoch's samples and the
-    fingerprint equals an uninterrupted run's: no sample repeated, none skipped.
+    ``add`` counts this rank's batches; ``sync`` (a collective, called by every rank through
+    ``state_dict`` at each save) folds every rank's new counts into the global totals, so the
+    totals carry over to any number of workers. After a full epoch, ``count`` equals the
+    epoch's samples and the fingerprint equals an uninterrupted run's: no sample repeated,
+    none skipped.
     """
 
     def __init__(self) -> None:
@@ -125,6 +130,8 @@ class SampleLedger:
         return self.totals.get(epoch, [0, 0])[0]
 
     def state_dict(self) -> dict[int, dict[str, int]]:
+        """The totals over every rank, pending counts folded in first (a collective: ``sync``)."""
+        self.sync()
         return {epoch: {"samples": n, "fingerprint": f} for epoch, (n, f) in self.totals.items()}
 
     def load_state_dict(self, state: dict[int, dict[str, int]]) -> None:
@@ -204,21 +211,43 @@ def _warn(line: str) -> None:
         sys.stderr.flush()
 
 
-class Checkpointer:
-    """Saves and restores the engine's shards together with the loop's own state.
+class Replicated:
+    """A checkpointed part that is the same on every rank (the EMA weights): rank 0 saves it
+    once, as ``<name>.pt`` beside the DeepSpeed state, and every rank loads that file."""
 
-    ``loader`` and ``ema`` need ``state_dict()/load_state_dict()``; ``ema`` may be None.
-    ``save``, ``load``, ``commit`` and ``restore`` are collectives: every rank calls them.
-    ``ledger`` counts the samples trained on (the loop adds each step's batches).
+    def __init__(self, part: Any) -> None:
+        self.part = part
+
+    def state_dict(self) -> Any:
+        return self.part.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.part.load_state_dict(state)
+
+
+# What the checkpointer itself writes into a rank's client file; no part may take these names.
+CLIENT_KEYS = ("step", "epoch", "rng", "world_size", "zero_stage", "files")
+
+
+class Checkpointer:
+    """Saves and restores the engine's shards, the process RNG and the ``states`` together.
+
+    ``states`` maps a name to a part with ``state_dict()/load_state_dict()``; None values are
+    left out. Each rank saves a part's state in its client file under the name; a
+    ``Replicated`` part goes to its own file, from rank 0. ``save``, ``load``, ``commit`` and
+    ``restore`` are collectives: every rank calls them, and a part's ``state_dict()`` may be
+    one too (``SampleLedger`` sums over ranks), so parts are saved in the mapping's order.
     """
 
-    def __init__(self, engine, *, loader, ema: WeightEma | None = None,
+    def __init__(self, engine, states: Mapping[str, Any] | None = None, *,
                  publish: Callable[[dict[str, float], Path, int], None] | None = None) -> None:
         self.engine = engine
-        self.loader = loader
-        self.ema = ema
+        self.states = {name: part for name, part in (states or {}).items() if part is not None}
+        taken = sorted(set(self.states) & set(CLIENT_KEYS))
+        if taken:
+            raise ValueError(f"checkpoint state names {taken} are taken: expected names other "
+                             f"than {', '.join(CLIENT_KEYS)}")
         self.publish = publish
-        self.ledger = SampleLedger()
 
     def commit(self, *, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Save this rank's part into a fresh local folder and ``publish`` it (a barrier
@@ -261,22 +290,24 @@ class Checkpointer:
         raise RuntimeError(f"no usable checkpoint: {', '.join(skipped)} are all torn or "
                            f"unreadable; remove them to start the run over")
 
-    def save(self, directory: str | Path, *, step: int, epoch: int, **extra: Any) -> Path:
+    def save(self, directory: str | Path, *, step: int, epoch: int) -> Path:
         """Write this rank's part of the checkpoint for ``step`` into ``directory``, its
         client state (the commit marker listing the rank's files) last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.ledger.sync()
+        rank = dist.rank()
+        own = {name: part.state_dict() for name, part in self.states.items()
+               if not isinstance(part, Replicated)}
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG,
                                     client_state={"step": step, "epoch": epoch})
-        rank = dist.rank()
-        if self.ema is not None and rank == 0:
-            torch.save(self.ema.state_dict(), directory / "ema.pt")
-        client = {"step": step, "epoch": epoch, "loader": self.loader.state_dict(),
-                  "rng": rng_state(), "world_size": dist.world_size(),
-                  "samples_seen": self.ledger.state_dict(),
+        if rank == 0:
+            for name, part in self.states.items():
+                if isinstance(part, Replicated):
+                    torch.save(part.state_dict(), directory / f"{name}.pt")
+        client = {"step": step, "epoch": epoch, **own, "rng": rng_state(),
+                  "world_size": dist.world_size(),
                   "zero_stage": self.engine.zero_optimization_stage(),
-                  "files": written_files(directory), **extra}
+                  "files": written_files(directory)}
         path = client_path(directory, rank)
         path.parent.mkdir(exist_ok=True)
         temporary = path.with_suffix(".tmp")
@@ -285,8 +316,9 @@ class Checkpointer:
         return directory
 
     def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore engine, loader, RNG, EMA and sample ledger from ``directory``; returns the
-        client state. Written by another number of workers: through a universal checkpoint."""
+        """Restore the engine, every part of ``states`` and the RNG from ``directory``; returns
+        the client state. Written by another number of workers: through a universal checkpoint.
+        A part the checkpoint has no state for (one added since) keeps its fresh state."""
         directory = Path(directory)
         rank, world = dist.rank(), dist.world_size()
         first = torch.load(client_path(directory, 0), weights_only=False)
@@ -301,11 +333,14 @@ class Checkpointer:
                 convert_to_universal(directory, Path(scratch))
                 self._load_engine(Path(scratch), UNIVERSAL_TAG, universal=True)
             self._load_frozen(directory)
-        self.loader.load_state_dict(client["loader"])
-        if self.ema is not None:
-            self.ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=False))
-        self.ledger.load_state_dict(client.get("samples_seen", {}))
-        set_rng_state(client["rng"])
+        for name, part in self.states.items():
+            if isinstance(part, Replicated):
+                part.load_state_dict(torch.load(directory / f"{name}.pt", weights_only=False))
+            elif name in client:
+                part.load_state_dict(client[name])
+            else:
+                _warn(f"checkpoint {directory} holds no {name!r} state: it starts fresh")
+        set_rng_state(client["rng"])  # last: loading must not shift the restored streams
         return {**client, "resumed_world_size": saved_world}
 
     def _load_frozen(self, directory: Path) -> None:

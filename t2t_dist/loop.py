@@ -1,8 +1,9 @@
 """The training loop: ``train_step``, ``evaluate`` and ``fit``, which reads top to bottom.
 
-``fit`` calls checkpointing, evaluation and logging explicitly. It gets everything built
-(engine, loaders, EMA, a checkpointer that knows how to hand a checkpoint to Ray Train, a
-tracker with the ``Tracker`` methods); it imports neither tracking nor launch (nor ray).
+``fit(config, parts)`` calls checkpointing, evaluation and logging explicitly. ``TrainParts``
+is everything built for it (engine, loaders, augmentation, schedule, sample ledger, EMA, a
+checkpointer that knows how to hand a checkpoint to Ray Train, a tracker with the ``Tracker``
+methods); this module imports neither tracking nor launch (nor ray).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.checkpoint import Checkpointer, SampleLedger
 from t2t_dist.config import Config, DataConfig
 from t2t_dist.data import normalize
 from t2t_dist.engine import engine_dtype, full_named_tensors, set_lr
@@ -31,6 +32,28 @@ class Tracker(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def log_model(self, model: nn.Module, name: str = "model") -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
+
+
+@dataclass
+class TrainParts:
+    """What ``fit`` trains with, built once per worker (``launch.build.build_parts``).
+
+    ``ledger`` counts the samples trained on and is one of the checkpointer's states, as are
+    the training loader and the EMA. ``ema_model`` is the fp32 module the EMA weights are
+    evaluated in.
+    """
+
+    device: torch.device
+    engine: Any  # deepspeed.DeepSpeedEngine
+    train_loader: Any
+    val_loader: Any
+    augment: nn.Module
+    schedule: LRSchedule
+    ledger: SampleLedger
+    checkpointer: Checkpointer
+    tracker: Tracker
+    ema: WeightEma | None = None
+    ema_model: nn.Module | None = None
 
 
 def steps_per_epoch(train_loader, engine) -> int:
@@ -185,34 +208,33 @@ def next_micro_batches(batches: Iterator, count: int) -> list:
         return [next(batches) for _ in range(count)]
 
 
-def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
-        schedule: LRSchedule, checkpointer: Checkpointer, tracker: Tracker,
-        device: torch.device, ema: WeightEma | None = None, ema_model: nn.Module | None = None,
-        resume: dict[str, Any] | None = None,
+def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = None,
         stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics.
 
     ``resume`` is the client state ``Checkpointer.restore`` returned (step, epoch).
-    Checkpoints go through ``checkpointer.commit`` (every rank, a barrier).
+    Checkpoints go through ``parts.checkpointer.commit`` (every rank, a barrier).
     ``stop_requested`` (asked on rank 0 every ``run.stop_check_every`` steps): when it says
     yes, every rank commits a checkpoint of that step and ``StopRequested`` is raised.
     """
+    engine, train_loader, device, tracker = (parts.engine, parts.train_loader, parts.device,
+                                             parts.tracker)
     run = config.run
     accum = engine.gradient_accumulation_steps()
     micro_batch = engine.train_micro_batch_size_per_gpu()
     epoch_steps = steps_per_epoch(train_loader, engine)
-    total_steps = min(schedule.total_steps, run.max_steps or schedule.total_steps)
+    total_steps = min(parts.schedule.total_steps, run.max_steps or parts.schedule.total_steps)
     dtype = engine_dtype(engine)
     step = resume["step"] if resume else 0
     metrics: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
-        result = {f"val/{k}": v for k, v in evaluate(engine, val_loader, data=config.data,
+        result = {f"val/{k}": v for k, v in evaluate(engine, parts.val_loader, data=config.data,
                                                      device=device, dtype=dtype).items()}
-        if ema is not None and ema_model is not None:
-            ema_model.load_state_dict(ema.shadow)
+        if parts.ema is not None and parts.ema_model is not None:
+            parts.ema_model.load_state_dict(parts.ema.shadow)
             result.update({f"val_ema/{k}": v for k, v in evaluate(
-                ema_model, val_loader, data=config.data, device=device).items()})
+                parts.ema_model, parts.val_loader, data=config.data, device=device).items()})
         _say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
@@ -227,16 +249,16 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
         batches = iter(train_loader)
         epoch_end = min((epoch + 1) * epoch_steps, total_steps)
         while step < epoch_end:
-            lr = schedule(step)
+            lr = parts.schedule(step)
             micro_batches = next_micro_batches(batches, accum)
-            checkpointer.ledger.add(epoch, micro_batches)  # samples seen, saved with each checkpoint
-            loss = train_step(engine, micro_batches, augment=augment, lr=lr, device=device,
+            parts.ledger.add(epoch, micro_batches)  # samples seen, saved with each checkpoint
+            loss = train_step(engine, micro_batches, augment=parts.augment, lr=lr, device=device,
                               dtype=dtype)
             step += 1
             meter.add(loss, micro_batch * accum)
-            if ema is not None:
+            if parts.ema is not None:
                 with full_named_tensors(engine) as tensors:
-                    ema.update(tensors)
+                    parts.ema.update(tensors)
             if step % run.log_every == 0 or step == total_steps:
                 metrics = meter.flush(step, total_steps, device) | {"train/lr": lr, "epoch": epoch}
                 check_finite(metrics["train/loss"], step, config.engine.precision)
@@ -254,7 +276,7 @@ def fit(config: Config, *, engine, train_loader, val_loader, augment: nn.Module,
             if (boundary or stopping
                     or (run.checkpoint_every and step % run.checkpoint_every == 0)):
                 check_finite(loss.item(), step, config.engine.precision)  # never commit NaN weights
-                checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
+                parts.checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
             if stopping:
                 _say(f"stop requested: checkpoint of step {step} committed, stopping")
                 raise StopRequested(step)

@@ -1,4 +1,5 @@
-"""One checkpointer: DeepSpeed state + step, data position, RNG and EMA, saved and restored together.
+"""One checkpointer: DeepSpeed state + step, RNG and a mapping of stateful parts (data position,
+EMA), saved and restored together.
 
 A real DeepSpeed engine (ZeRO-2, fp32, CPU) in a one-process gloo group: train, save, train
 on; then a fresh engine loads the checkpoint and must repeat the same losses bit for bit.
@@ -7,7 +8,7 @@ on; then a fresh engine loads the checkpoint and must repeat the same losses bit
 import pytest
 import torch
 
-from t2t_dist.checkpoint import Checkpointer, client_path, missing_parts
+from t2t_dist.checkpoint import Checkpointer, Replicated, client_path, missing_parts
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader
 from t2t_dist.engine import build_engine, consolidated_fp32_state_dict
@@ -33,6 +34,10 @@ def build(digits, seed, stage=2):
     return loader, engine, ema, augment
 
 
+def checkpointer(engine, loader, ema):
+    return Checkpointer(engine, {"loader": loader, "ema": Replicated(ema)})
+
+
 def train(engine, ema, augment, batches, steps):
     losses = []
     for _ in range(steps):
@@ -49,8 +54,7 @@ def test_resume_repeats_the_same_losses(process_group, digits_shards, tmp_path):
     loader.set_epoch(0)
     batches = iter(loader)
     train(engine, ema, augment, batches, 2)
-    checkpointer = Checkpointer(engine, loader=loader, ema=ema)
-    checkpointer.save(tmp_path / "ckpt", step=2, epoch=0)
+    checkpointer(engine, loader, ema).save(tmp_path / "ckpt", step=2, epoch=0)
     saved_weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
     saved_ema = ema.state_dict()
     expected = train(engine, ema, augment, batches, 3)
@@ -59,7 +63,7 @@ def test_resume_repeats_the_same_losses(process_group, digits_shards, tmp_path):
     # A fresh process's view: other initial weights, data at the start, RNG elsewhere.
     loader, engine, ema, augment = build(digits_shards, seed=123)
     torch.manual_seed(999)
-    client = Checkpointer(engine, loader=loader, ema=ema).load(tmp_path / "ckpt")
+    client = checkpointer(engine, loader, ema).load(tmp_path / "ckpt")
     assert (client["step"], client["epoch"], client["world_size"]) == (2, 0, 1)
     assert loader.state_dict()["position"] == 2 * 8
     for name, tensor in engine.module.state_dict().items():
@@ -78,7 +82,7 @@ def test_checkpoint_layout_and_completeness(process_group, digits_shards, tmp_pa
     loader, engine, ema, augment = build(digits_shards, seed=0)
     loader.set_epoch(0)
     train(engine, ema, augment, iter(loader), 1)
-    Checkpointer(engine, loader=loader, ema=ema).save(tmp_path / "ckpt", step=1, epoch=0)
+    checkpointer(engine, loader, ema).save(tmp_path / "ckpt", step=1, epoch=0)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "state"
     assert list((tmp_path / "ckpt" / "state").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     assert (tmp_path / "ckpt" / "ema.pt").is_file()
@@ -91,7 +95,7 @@ def test_checkpoint_layout_and_completeness(process_group, digits_shards, tmp_pa
     assert "rank 1" in missing_parts(tmp_path / "ckpt")
     assert "rank 0" in missing_parts(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
-        Checkpointer(engine, loader=loader, ema=ema).load(tmp_path / "empty")
+        checkpointer(engine, loader, ema).load(tmp_path / "empty")
 
 
 @pytest.mark.slow

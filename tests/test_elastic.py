@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.checkpoint import Checkpointer, SampleLedger
 from t2t_dist.config import batch_split, load_config
 from t2t_dist.data import build_train_loader
 from t2t_dist.engine import build_engine, consolidated_fp32_state_dict
@@ -55,15 +55,16 @@ def build(digits, stage, seed, precision="fp32"):
                                 micro_batch=micro)
     model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
     engine = build_engine(model, config, world_size=world, device=DEVICE)
-    return loader, engine, Checkpointer(engine, loader=loader)
+    ledger = SampleLedger()
+    return loader, ledger, Checkpointer(engine, {"loader": loader, "samples_seen": ledger})
 
 
-def train(checkpointer, loader, batches, steps):
+def train(checkpointer, ledger, batches, steps):
     """``steps`` optimizer steps; the global mean loss of each."""
     losses = []
     for _ in range(steps):
         micro_batches = next_micro_batches(batches, 1)
-        checkpointer.ledger.add(0, micro_batches)
+        ledger.add(0, micro_batches)
         loss = train_step(checkpointer.engine, micro_batches, augment=PlainTargets(), lr=1e-3,
                           device=DEVICE, dtype=torch.float32)
         torch_dist.all_reduce(loss)  # equal micro batches: the mean of rank means
@@ -71,40 +72,39 @@ def train(checkpointer, loader, batches, steps):
     return losses
 
 
-def record(checkpointer, loader, path, **extra):
+def record(checkpointer, loader, ledger, path, **extra):
     """Rank 0 writes the full fp32 weights, loader position and sample totals (collectives:
     every rank calls this)."""
     weights = consolidated_fp32_state_dict(checkpointer.engine)
-    checkpointer.ledger.sync()
+    samples_seen = ledger.state_dict()
     groups = [(group["weight_decay"], group["betas"], group["lr_scale"])
               for group in checkpointer.engine.optimizer.param_groups]
     if torch_dist.get_rank() == 0:
         torch.save({"weights": weights, "position": loader.state_dict()["position"],
-                    "samples_seen": checkpointer.ledger.state_dict(), "groups": groups,
-                    **extra}, path)
+                    "samples_seen": samples_seen, "groups": groups, **extra}, path)
 
 
 def straight_run(digits, stage, precision, out):
     """4 steps, a checkpoint after step 2."""
-    loader, engine, checkpointer = build(digits, stage, seed=0, precision=precision)
+    loader, ledger, checkpointer = build(digits, stage, seed=0, precision=precision)
     loader.set_epoch(0)
     batches = iter(loader)
-    train(checkpointer, loader, batches, 2)
+    train(checkpointer, ledger, batches, 2)
     checkpointer.save(out / "ckpt", step=2, epoch=0)
-    record(checkpointer, loader, out / "saved.pt")
-    losses = train(checkpointer, loader, batches, 2)
-    record(checkpointer, loader, out / "straight.pt", losses=losses)
+    record(checkpointer, loader, ledger, out / "saved.pt")
+    losses = train(checkpointer, ledger, batches, 2)
+    record(checkpointer, loader, ledger, out / "straight.pt", losses=losses)
 
 
 def resumed_run(digits, stage, precision, out):
     """Other initial weights, the checkpoint loaded, steps 3-4."""
-    loader, engine, checkpointer = build(digits, stage, seed=123, precision=precision)
+    loader, ledger, checkpointer = build(digits, stage, seed=123, precision=precision)
     client = checkpointer.load(out / "ckpt")
     assert client["step"] == 2 and loader.state_dict()["position"] == 2 * GLOBAL_BATCH
-    record(checkpointer, loader, out / "loaded.pt")
+    record(checkpointer, loader, ledger, out / "loaded.pt")
     loader.set_epoch(0)
-    losses = train(checkpointer, loader, iter(loader), 2)
-    record(checkpointer, loader, out / "resumed.pt", losses=losses)
+    losses = train(checkpointer, ledger, iter(loader), 2)
+    record(checkpointer, loader, ledger, out / "resumed.pt", losses=losses)
 
 
 def _rank_entry(rank, world, port, task):

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.checkpoint import Checkpointer, SampleLedger
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine, consolidated_fp32_state_dict, engine_dtype, set_lr
-from t2t_dist.loop import fit, steps_per_epoch
+from t2t_dist.loop import TrainParts, fit, steps_per_epoch
 from t2t_dist.models import create_model
 from t2t_dist.optim import LRSchedule
 
@@ -54,12 +54,14 @@ def test_optimizer_steps_with_the_scheduled_lr(process_group, digits_shards):
     schedule = LRSchedule.from_config(config.optim, global_batch=16,
                                       steps_per_epoch=steps_per_epoch(train_loader, engine))
     assert schedule.warmup_steps == 9  # steps 0..6 all have different LRs
-    parts = {"engine": engine, "train_loader": train_loader, "device": DEVICE,
-             "val_loader": build_val_loader(config.data, img_size=32),
-             "augment": BatchAugment(config.data, 10), "schedule": schedule,
-             "checkpointer": Checkpointer(engine, loader=train_loader,
-                                          publish=lambda metrics, directory, step: None),
-             "tracker": Tracker()}
+    ledger = SampleLedger()
+    parts = TrainParts(engine=engine, train_loader=train_loader, device=DEVICE,
+                       val_loader=build_val_loader(config.data, img_size=32),
+                       augment=BatchAugment(config.data, 10), schedule=schedule, ledger=ledger,
+                       checkpointer=Checkpointer(engine, {"loader": train_loader,
+                                                          "samples_seen": ledger},
+                                                 publish=lambda metrics, directory, step: None),
+                       tracker=Tracker())
     used: dict[int, list[tuple[float, float]]] = {}  # optimizer step -> (lr, lr_scale) per group
 
     def record(optimizer, args, kwargs):  # ZeRO steps the torch optimizer once per group
@@ -68,11 +70,11 @@ def test_optimizer_steps_with_the_scheduled_lr(process_group, digits_shards):
 
     handle = register_optimizer_step_pre_hook(record)
     try:
-        fit(config, **parts)
+        fit(config, parts)
         assert sorted(used) == [0, 1, 2, 3]  # one optimizer step per 2 micro batches
         # Resumed at step 4 (the loop's restart path): the schedule goes on from step 4.
         longer = dataclasses.replace(config, run=dataclasses.replace(config.run, max_steps=7))
-        fit(longer, resume={"step": 4, "epoch": 0}, **parts)
+        fit(longer, parts, resume={"step": 4, "epoch": 0})
     finally:
         handle.remove()
     assert sorted(used) == list(range(7))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from t2t_dist.checkpoint import Checkpointer
+from t2t_dist.checkpoint import Checkpointer, SampleLedger
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
-from t2t_dist.loop import StopRequested, fit, steps_per_epoch
+from t2t_dist.loop import StopRequested, TrainParts, fit, steps_per_epoch
 from t2t_dist.models import create_model
 from t2t_dist.optim import LRSchedule
 
@@ -74,10 +74,12 @@ def build(digits, *settings):
         files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.pt"))
         published.append((step, dict(metrics), files))
 
-    checkpointer = Checkpointer(engine, loader=train_loader, publish=publish)
-    parts = {"engine": engine, "train_loader": train_loader, "val_loader": val_loader,
-             "augment": BatchAugment(config.data, 10), "schedule": schedule,
-             "checkpointer": checkpointer, "device": DEVICE}
+    ledger = SampleLedger()
+    checkpointer = Checkpointer(engine, {"loader": train_loader, "samples_seen": ledger},
+                                publish=publish)
+    parts = TrainParts(engine=engine, train_loader=train_loader, val_loader=val_loader,
+                       augment=BatchAugment(config.data, 10), schedule=schedule, ledger=ledger,
+                       checkpointer=checkpointer, tracker=RecordingTracker(), device=DEVICE)
     return config, parts, published
 
 
@@ -85,10 +87,10 @@ def build(digits, *settings):
 def test_cadence_and_max_steps_stop_mid_epoch(process_group, digits_shards):
     config, parts, published = build(digits_shards, "run.log_every=3", "run.eval_every=4",
                                       "run.checkpoint_every=5", "run.max_steps=8")
-    epoch_steps = steps_per_epoch(parts["train_loader"], parts["engine"])
+    epoch_steps = steps_per_epoch(parts.train_loader, parts.engine)
     assert epoch_steps == 400 // 64 == 6  # two shards of 200; the last partial batch dropped
-    tracker = RecordingTracker()
-    final = fit(config, tracker=tracker, **parts)
+    tracker = parts.tracker
+    final = fit(config, parts)
 
     train_steps = [step for step, m in tracker.logged if "train/loss" in m]
     eval_steps = [step for step, m in tracker.logged if "val/top1" in m]
@@ -101,8 +103,8 @@ def test_cadence_and_max_steps_stop_mid_epoch(process_group, digits_shards):
     by_step = {step: m for step, m, _ in published}
     assert by_step[8]["val/top1"] == final["val/top1"] == tracker.logged[-1][1]["val/top1"]
     assert by_step[6]["val/top1"] == dict(tracker.logged)[6]["val/top1"]
-    assert final["train/lr"] == pytest.approx(parts["schedule"](7))
-    assert parts["train_loader"].state_dict()["epoch"] == 1  # stopped inside the second epoch
+    assert final["train/lr"] == pytest.approx(parts.schedule(7))
+    assert parts.train_loader.state_dict()["epoch"] == 1  # stopped inside the second epoch
 
 
 @pytest.mark.slow
@@ -114,10 +116,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(
         process_group, digits_shards, log_every, checkpoint_every, kept):
     config, parts, published = build(digits_shards, f"run.log_every={log_every}",
                                       f"run.checkpoint_every={checkpoint_every}")
-    parts["augment"] = NanAfter(parts["augment"], after=5)
+    parts.augment = NanAfter(parts.augment, after=5)
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step 6: lower optim.lr "
                                                  r"or raise optim.warmup_epochs$"):
-        fit(config, tracker=RecordingTracker(), **parts)
+        fit(config, parts)
     assert [step for step, _, _ in published] == kept  # nothing written at or after the NaN
 
 
@@ -138,10 +140,10 @@ def test_stop_request_commits_a_checkpoint_then_stops(process_group, digits_shar
         return len(calls) >= yes_on_call
 
     with pytest.raises(StopRequested) as stopped:
-        fit(config, tracker=RecordingTracker(), **parts, stop_requested=requested)
+        fit(config, parts, stop_requested=requested)
     step = stop_check_every * yes_on_call
     assert stopped.value.step == step and len(calls) == yes_on_call
     assert [s for s, _, _ in published] == published_steps
     assert published[-1][1]["step"] == step
     assert "client/rank_00000.pt" in published[-1][2]
-    assert parts["train_loader"].state_dict()["position"] == step * 64  # resumes right after
+    assert parts.train_loader.state_dict()["position"] == step * 64  # resumes right after

@@ -5,12 +5,13 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from t2t_dist.checkpoint import Checkpointer, client_path, missing_parts
+from t2t_dist.checkpoint import Checkpointer, Replicated, SampleLedger, client_path, missing_parts
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader
 from t2t_dist.engine import build_engine
 from t2t_dist.loop import next_micro_batches, train_step
 from t2t_dist.models import create_model
+from t2t_dist.optim import WeightEma
 
 DEVICE = torch.device("cpu")
 
@@ -53,10 +54,10 @@ def test_torn_checkpoint_falls_back_to_the_previous(process_group, digits_shards
     loader = build_train_loader(config.data, img_size=32, micro_batch=8)
     engine = build_engine(create_model("t2t_vit_tiny", img_size=32, num_classes=10), config,
                           world_size=1, device=DEVICE)
-    from t2t_dist.optim import WeightEma
-
     ema = WeightEma(engine.module.state_dict(), decay=0.9)
-    checkpointer = Checkpointer(engine, loader=loader, ema=ema)
+    ledger = SampleLedger()
+    checkpointer = Checkpointer(engine, {"loader": loader, "samples_seen": ledger,
+                                         "ema": Replicated(ema)})
     augment = BatchAugment(config.data, 10)
     loader.set_epoch(0)
     batches = iter(loader)
@@ -64,7 +65,7 @@ def test_torn_checkpoint_falls_back_to_the_previous(process_group, digits_shards
     weights = {}
     for step in (1, 2, 3):
         micro_batches = next_micro_batches(batches, 1)
-        checkpointer.ledger.add(0, micro_batches)
+        ledger.add(0, micro_batches)
         train_step(engine, micro_batches, augment=augment, lr=1e-3, device=DEVICE, dtype=torch.float32)
         checkpointer.save(run / f"checkpoint_step_{step:08d}", step=step, epoch=0)
         weights[step] = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -78,7 +79,7 @@ def test_torn_checkpoint_falls_back_to_the_previous(process_group, digits_shards
     assert len(warning) == 1 and "checkpoint_step_00000003" in warning[0] and reason in warning[0]
     assert warning[0].endswith("trying the previous one")
     assert client["step"] == 2 and loader.state_dict()["position"] == 16
-    assert checkpointer.ledger.count(0) == 16  # the samples of steps 1-2, none of step 3
+    assert ledger.count(0) == 16  # the samples of steps 1-2, none of step 3
     for name, tensor in engine.module.state_dict().items():
         torch.testing.assert_close(tensor, weights[2][name], rtol=0, atol=0)
 

@@ -3,7 +3,7 @@ checkpointer, tracker. One builder, shared by the training, evaluation and sweep
 
     parts = build_parts(config, tags=payload["tags"])      # inside a Ray Train worker
     resume = parts.checkpointer.restore(ray.train.get_checkpoint())
-    fit(config, **parts.fit_kwargs(), resume=resume)
+    fit(config, parts, resume=resume)
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import CHECKPOINT_PREFIX, Checkpointer
+from t2t_dist.checkpoint import CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger
 from t2t_dist.config import Config, batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import DTYPES, build_engine
-from t2t_dist.loop import steps_per_epoch
-from t2t_dist.models import create_model, load_pretrained
+from t2t_dist.loop import TrainParts, steps_per_epoch
+from t2t_dist.models import T2TViT, load_pretrained, resolve
 from t2t_dist.optim import LRSchedule, WeightEma
 from t2t_dist.tracking import MlflowTracker, NullTracker, make_tracker
 
@@ -32,12 +32,9 @@ from t2t_dist.tracking import MlflowTracker, NullTracker, make_tracker
 def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
     """The variant ``model.name`` with this run's image size, classes and drop path, and the
     ``model.pretrained`` weights when ``pretrained``."""
-    model_cfg = config.model
-    model = create_model(model_cfg.name, **model_cfg.architecture(), img_size=model_cfg.img_size,
-                         num_classes=model_cfg.num_classes,
-                         drop_path_rate=model_cfg.drop_path_rate, attention=model_cfg.attention)
-    if pretrained and model_cfg.pretrained:
-        load_pretrained(model, model_cfg.pretrained)
+    model = T2TViT(resolve(config.model))
+    if pretrained and config.model.pretrained:
+        load_pretrained(model, config.model.pretrained)
     return model
 
 
@@ -54,30 +51,7 @@ def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
 
-@dataclass
-class Parts:
-    """What one worker built from the config; ``fit_kwargs()`` is what ``loop.fit`` takes."""
-
-    device: torch.device
-    engine: Any  # deepspeed.DeepSpeedEngine
-    train_loader: Any
-    val_loader: Any
-    augment: nn.Module
-    schedule: LRSchedule
-    checkpointer: Checkpointer
-    tracker: MlflowTracker | NullTracker
-    ema: WeightEma | None = None
-    ema_model: nn.Module | None = None  # fp32 copy the EMA weights are evaluated in
-
-    def fit_kwargs(self) -> dict[str, Any]:
-        return {"engine": self.engine, "train_loader": self.train_loader,
-                "val_loader": self.val_loader, "augment": self.augment,
-                "schedule": self.schedule, "checkpointer": self.checkpointer,
-                "tracker": self.tracker, "device": self.device, "ema": self.ema,
-                "ema_model": self.ema_model}
-
-
-def build_parts(config: Config, *, tags: dict[str, str]) -> Parts:
+def build_parts(config: Config, *, tags: dict[str, str]) -> TrainParts:
     """Build every part on this worker (a collective: DeepSpeed joins the process group)."""
     rank, world = dist.rank(), dist.world_size()
     device = ray.train.torch.get_device()
@@ -96,10 +70,15 @@ def build_parts(config: Config, *, tags: dict[str, str]) -> Parts:
     augment = BatchAugment(config.data, config.model.num_classes).to(device)
     schedule = LRSchedule.from_config(config.optim, global_batch=config.data.global_batch,
                                       steps_per_epoch=steps_per_epoch(train_loader, engine))
-    checkpointer = Checkpointer(engine, loader=train_loader, ema=ema, publish=publish)
-    return Parts(device=device, engine=engine, train_loader=train_loader, val_loader=val_loader,
-                 augment=augment, schedule=schedule, checkpointer=checkpointer,
-                 tracker=make_tracker(config, tags=tags), ema=ema, ema_model=ema_model)
+    ledger = SampleLedger()
+    # Everything besides the engine and the RNG that must survive a restart: one entry each.
+    states = {"loader": train_loader, "samples_seen": ledger,
+              "ema": Replicated(ema) if ema is not None else None}
+    checkpointer = Checkpointer(engine, states, publish=publish)
+    return TrainParts(device=device, engine=engine, train_loader=train_loader,
+                      val_loader=val_loader, augment=augment, schedule=schedule, ledger=ledger,
+                      checkpointer=checkpointer, tracker=make_tracker(config, tags=tags),
+                      ema=ema, ema_model=ema_model)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The training worker's entry point (pretraining and fine-tuning): build the parts, restore,
-``fit``, log the weights, close.
+``loop.fit``, log the weights, close.
 
 ``t2t_dist.launch.driver`` hands ``train_worker`` to the TorchTrainer with the resolved
 config as a plain dict.
@@ -14,13 +14,13 @@ import ray.train
 from t2t_dist import dist
 from t2t_dist.config import Config, from_dict, run_dir
 from t2t_dist.engine import consolidated_fp32_state_dict
-from t2t_dist.launch.build import Parts, build_model, build_parts
+from t2t_dist.launch.build import build_model, build_parts
 from t2t_dist.launch.stop import STOP_TAG, has_stop_request, record_stop
-from t2t_dist.loop import StopRequested, fit
+from t2t_dist.loop import StopRequested, TrainParts, fit
 from t2t_dist.storage import open_store
 
 
-def log_final_models(config: Config, parts: Parts) -> None:
+def log_final_models(config: Config, parts: TrainParts) -> None:
     """Consolidated fp32 weights (and the EMA's) as MLflow models; a collective on every rank."""
     weights = consolidated_fp32_state_dict(parts.engine)
     if not dist.is_main():
@@ -51,8 +51,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     status = "FAILED"
     try:
         store = open_store(run_dir(config))  # one store (one S3 client) for every check
-        fit(config, **parts.fit_kwargs(), resume=resume,
-            stop_requested=lambda: has_stop_request(store))
+        fit(config, parts, resume=resume, stop_requested=lambda: has_stop_request(store))
         if config.run.log_model:
             log_final_models(config, parts)
         status = "FINISHED"
