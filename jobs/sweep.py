@@ -15,7 +15,8 @@ import sys
 from t2t_dist.config import load_config
 from t2t_dist.launch import prepare, preflight
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error
-from t2t_dist.launch.tune import check_sweep, run_sweep
+from t2t_dist.launch.sweep import check_sweep
+from t2t_dist.launch.tune import run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

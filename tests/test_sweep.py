@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from t2t_dist.launch.report import CSV_NAME, PLOT_NAME, STATUS_TAG, SWEEP_TAG
-from t2t_dist.launch.tune import REPORTED_METRICS
+from t2t_dist.launch.sweep import REPORTED_METRICS
 from t2t_dist.tracking import RUN_NAME_TAG
 
 ROOT = Path(__file__).resolve().parents[1]

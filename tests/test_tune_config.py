@@ -8,7 +8,7 @@ import pytest
 
 from t2t_dist.config import Config, ConfigError, ModelConfig, load_config, save_config
 from t2t_dist.launch.report import Row, format_table, plot_sweep
-from t2t_dist.launch.tune import check_sweep, model_cost, trial_config
+from t2t_dist.launch.sweep import check_sweep, model_cost, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "jobs" / "configs").glob("sweep_*.yaml"))

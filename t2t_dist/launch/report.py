@@ -1,25 +1,35 @@
-"""A sweep's results from MLflow: one row per trial, the table, ``results.csv`` and the plot.
+"""A sweep in MLflow: one parent run per sweep, one nested child per trial, and the results
+read back from them (one row per trial, the table, ``results.csv`` and the plot).
 
-    rows = sweep_rows(MlflowClient(uri), parent_run_id)
-    print(format_table(rows, fields, "val/top1", "max"))
-    plot_sweep(rows, "sweep_top1_vs_cost.png", title="arch-transfer", metric="val/top1")
+    experiment, parent_id = open_parent(config)                  # main process; found again on resume
+    open_child(trial, sweep=..., experiment=..., parent_id=..., trial_id=..., values=...)
+    close_child(config.run.tracking_uri, experiment, trial_id, failed=False)
+    rows, table = finish_parent(config, parent_id)               # results.csv + plot on the parent
+    print(sweep_report("arch-transfer", tracking_uri))           # later, from any process
 
-The plot follows the paper's Figure 1: best top-1 against GMACs and against parameters,
-one labeled point per trial, early-stopped trials drawn hollow.
+The trial's rank-0 worker continues its child run (``MlflowTracker`` finds runs by run name).
+The plot follows the paper's Figure 1: best top-1 against GMACs and against parameters, one
+labeled point per trial, early-stopped trials drawn hollow.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from t2t_dist.config import Config, flatten, to_dict
+from t2t_dist.launch.sweep import flat_values, model_cost
+from t2t_dist.tracking import MAX_PARAM_LENGTH, RUN_NAME_TAG, experiment_id, find_run, mlflow_client
 
 SWEEP_TAG = "t2t_dist.sweep"  # "<name>/parent" or "<name>/trial"
 SWEEP_FIELDS_TAG = "t2t_dist.sweep_fields"  # JSON list of the dotted fields the space sets
 TRIAL_VALUES_TAG = "t2t_dist.trial_values"  # JSON of one trial's values
 STATUS_TAG = "t2t_dist.trial_status"  # running, completed, early-stopped, failed
+TRIAL_ID_TAG = "t2t_dist.trial_id"
 CSV_NAME = "results.csv"
 PLOT_NAME = "sweep_top1_vs_cost.png"
 
@@ -152,9 +162,7 @@ def find_parent(client, name: str):
 
 def sweep_report(name: str, tracking_uri: str) -> str:
     """The results table from MLflow (best first) and where the plot is."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = find_parent(client, name)
     fields = json.loads(parent.data.tags.get(SWEEP_FIELDS_TAG, "[]"))
     params = parent.data.params
@@ -166,3 +174,75 @@ def sweep_report(name: str, tracking_uri: str) -> str:
             f"({parent.info.status})\n"
             f"{format_table(rows, fields, params.get('tune.metric', 'val/top1'), params.get('tune.mode', 'max'))}\n"
             f"plot: {plot}")
+
+
+# --- writing: the parent run (main process), a child per trial (trial process) ---
+
+def open_parent(config: Config) -> tuple[str, str]:
+    """(experiment id, parent run id): the sweep's run, found by name when resuming."""
+    client = mlflow_client(config.run.tracking_uri)
+    experiment = experiment_id(config.run.tracking_uri, config.run.experiment)
+    name = config.tune.name
+    parent = find_run(client, experiment, SWEEP_TAG, f"{name}/parent")
+    if parent is None:
+        parent = client.create_run(experiment, run_name=name, tags={
+            SWEEP_TAG: f"{name}/parent", SWEEP_FIELDS_TAG: json.dumps(config.tune.fields())})
+        params = {f"tune.{k}": v for k, v in flatten(to_dict(config.tune)).items()}
+        params.update({"base.model.name": config.model.name, "base.optim.epochs":
+                       config.optim.epochs, "base.scaling.num_workers": config.scaling.num_workers})
+        for key, value in params.items():
+            client.log_param(parent.info.run_id, key, str(value)[:MAX_PARAM_LENGTH])
+    else:
+        client.update_run(parent.info.run_id, status="RUNNING")
+    return experiment, parent.info.run_id
+
+
+def open_child(config: Config, *, sweep: str, experiment: str, parent_id: str, trial_id: str,
+               values: dict[str, Any]) -> str:
+    """The trial's child run (created once; a resumed trial finds it by its run name), with
+    the trial's values and its model's parameters and GMACs."""
+    client = mlflow_client(config.run.tracking_uri)
+    found = find_run(client, experiment, RUN_NAME_TAG, config.run.name)
+    if found is not None:
+        return found.info.run_id
+    child = client.create_run(experiment, run_name=config.run.name, tags={
+        "mlflow.parentRunId": parent_id, RUN_NAME_TAG: config.run.name,
+        SWEEP_TAG: f"{sweep}/trial", TRIAL_ID_TAG: trial_id,
+        TRIAL_VALUES_TAG: json.dumps(flat_values(values)), STATUS_TAG: "running"})
+    params, gmacs = model_cost(config)
+    client.log_metric(child.info.run_id, "model/params", params, step=0)
+    client.log_metric(child.info.run_id, "model/gmacs", gmacs, step=0)
+    return child.info.run_id
+
+
+def close_child(tracking_uri: str, experiment: str, trial_id: str, *, failed: bool) -> bool:
+    """Close a trial's child run with how the trial ended; True when its worker had finished
+    it (the schedule's end), False when Tune stopped the trial early or it failed."""
+    client = mlflow_client(tracking_uri)
+    child = find_run(client, experiment, TRIAL_ID_TAG, trial_id)
+    finished = child is not None and child.info.status == "FINISHED" and not failed
+    if child is None:
+        return finished
+    if failed:
+        status, reason = "FAILED", "failed"
+    else:  # the worker closes its run FINISHED at the end of the schedule
+        status, reason = ("FINISHED", "completed") if finished else ("KILLED", "early-stopped")
+    client.set_tag(child.info.run_id, STATUS_TAG, reason)
+    if child.info.status != status:  # a completed run was closed by its worker
+        client.set_terminated(child.info.run_id, status=status)
+    return finished
+
+
+def finish_parent(config: Config, parent_id: str) -> tuple[list[Row], str]:
+    """results.csv and the top-1 vs cost plot on the parent run; returns (rows, table)."""
+    client = mlflow_client(config.run.tracking_uri)
+    rows = sweep_rows(client, parent_id)
+    with tempfile.TemporaryDirectory() as folder:
+        write_csv(rows, Path(folder) / CSV_NAME, config.tune.fields(), config.tune.metric)
+        plot_sweep(rows, Path(folder) / PLOT_NAME, title=config.tune.name,
+                   metric=config.tune.metric)
+        client.log_artifact(parent_id, str(Path(folder) / CSV_NAME))
+        client.log_artifact(parent_id, str(Path(folder) / PLOT_NAME))
+    all_failed = bool(rows) and all(row.status == "failed" for row in rows)
+    client.set_terminated(parent_id, status="FAILED" if all_failed else "FINISHED")
+    return rows, format_table(rows, config.tune.fields(), config.tune.metric, config.tune.mode)
