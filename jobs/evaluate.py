@@ -18,8 +18,8 @@ import sys
 
 from t2t_dist.launch import prepare
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error
-from t2t_dist.launch.evaluate import (evaluation_config, format_evaluation, launch_evaluation,
-                                      materialize_weights, preflight_evaluation)
+from t2t_dist.launch.evaluation import (evaluation_config, format_evaluation, launch_evaluation,
+                                        materialize_weights, preflight_evaluation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

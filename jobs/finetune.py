@@ -18,9 +18,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from t2t_dist.config import ConfigError, load_config
+from t2t_dist.config import ConfigError, load_config, run_dir
+from t2t_dist.data import manifest_pattern, write_shards
 from t2t_dist.launch import prepare, preflight
-from t2t_dist.launch.evaluate import materialize_weights
+from t2t_dist.launch.evaluation import materialize_weights
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error, train_to_end
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_digits.yaml"
@@ -37,10 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shards_from_folders(config, train_folder: str, val_folder: str):
-    """Write both trees as shards under ``<storage>/<run.name>/data/`` and read those."""
-    from t2t_dist.data import manifest_pattern, write_shards
-
-    root = f"{config.run.storage_path.rstrip('/')}/{config.run.name}/data"
+    """Write both trees as shards under ``<run_dir>/data/`` and read those."""
+    root = f"{run_dir(config)}/data"
     urls = {}
     for split, folder in (("train", train_folder), ("val", val_folder)):
         manifest = write_shards(folder, f"{root}/{split}", prefix=split, samples_per_shard=1000,

@@ -1,4 +1,5 @@
-"""Evaluation on Ray workers, and the driver-side weights resolution it shares with fine-tuning.
+"""The evaluation job on Ray workers (``jobs/evaluate.py``), and the driver-side weights
+resolution it shares with fine-tuning. The metrics themselves are ``loop.evaluate``'s.
 
     config = evaluation_config(checkpoint, model="t2t_vit_14", data="s3://.../val-{0000..0063}.tar")
     config, weights = materialize_weights(config, checkpoint, new_head=False)   # driver
@@ -24,9 +25,8 @@ import ray.train
 import torch
 
 from t2t_dist import dist
-from t2t_dist.config import Config, ConfigError, from_dict, load_config
-from t2t_dist.export import (SAVED_CONFIG, Weights, find_checkpoint, is_mlflow_uri, load_weights,
-                             resolve_weights)
+from t2t_dist.config import SAVED_CONFIG, Config, ConfigError, from_dict, load_config, run_dir
+from t2t_dist.export import Weights, find_checkpoint, is_mlflow_uri, load_weights, resolve_weights
 from t2t_dist.launch.build import build_eval_parts, build_model
 from t2t_dist.launch.driver import build_trainer, connect, run_tags
 from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
@@ -78,7 +78,7 @@ def materialize_weights(config: Config, source: str, *, new_head: bool,
     """Resolve ``source``, check it fits ``config.model`` and point ``model.pretrained`` at it.
 
     A plain weights file is used where it is; our checkpoints, run names and MLflow models
-    are consolidated here once and written to ``<storage>/<run.name>/source_weights.pt``
+    are consolidated here once and written to ``<run_dir>/source_weights.pt``
     (local or shared storage: workers read that path).
     """
     weights = resolve_weights(source, storage_path=config.run.storage_path,
@@ -92,7 +92,7 @@ def materialize_weights(config: Config, source: str, *, new_head: bool,
             raise ConfigError(f"checkpoint {source!r} needs consolidating into a file the workers "
                               f"read, but run.storage_path={config.run.storage_path!r} is remote: "
                               f"export it first (t2t-dist export) to shared storage and pass that file")
-        path = Path(config.run.storage_path) / config.run.name / WEIGHTS_FILE
+        path = Path(run_dir(config)) / WEIGHTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(weights.checkpoint), path)
     model = dataclasses.replace(config.model, pretrained=str(path))
