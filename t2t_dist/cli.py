@@ -1,4 +1,8 @@
-"""The ``t2t-dist`` command: model table and shard tools. Training runs through ``jobs/``."""
+"""The ``t2t-dist`` command: model table and shard tools. Training runs through ``jobs/``.
+
+Each command imports what it runs when it runs (torch, webdataset, MLflow: a second or more
+each), so ``t2t-dist --help`` and a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,15 @@ import os
 import sys
 import time
 
-from t2t_dist.config import ConfigError
+from tqdm import tqdm
+
+from t2t_dist.config import ConfigError, ModelConfig
 
 PROGRESS_EVERY_S = 30.0  # shards write/check: seconds between progress lines in logs
 
 
 def _models(args: argparse.Namespace) -> None:
-    from t2t_dist.models import format_model_table
+    from t2t_dist.models import format_model_table  # torch
 
     print(format_model_table(args.names or None))
 
@@ -38,8 +44,6 @@ class _ProgressLines:
         self._print(time.monotonic())
 
     def _print(self, now: float) -> None:
-        from tqdm import tqdm
-
         elapsed = now - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
         line = f"{self.desc}: {self.n:,}"
@@ -60,8 +64,6 @@ def _progress(desc: str, every: float):
         yield None
         return
     if sys.stderr.isatty():
-        from tqdm import tqdm
-
         bar = tqdm(desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
     else:
         bar = _ProgressLines(desc, every)
@@ -72,8 +74,7 @@ def _progress(desc: str, every: float):
 
 
 def _shards_write(args: argparse.Namespace) -> None:
-    from t2t_dist.data import manifest_pattern, write_shards
-    from t2t_dist.data.writer import bad_files_url
+    from t2t_dist.data import bad_files_url, manifest_pattern, write_shards  # torch
 
     with _progress("shards write", args.progress_every) as progress:
         manifest = write_shards(args.src, args.dest, prefix=args.prefix,
@@ -88,7 +89,7 @@ def _shards_write(args: argparse.Namespace) -> None:
 
 
 def _shards_check(args: argparse.Namespace) -> None:
-    from t2t_dist.data import check_shards
+    from t2t_dist.data import check_shards  # torch
 
     with _progress("shards check", args.progress_every) as progress:
         report = check_shards(args.urls, write_manifest=args.write_manifest, progress=progress)
@@ -98,23 +99,22 @@ def _shards_check(args: argparse.Namespace) -> None:
 
 
 def _shards_digits(args: argparse.Namespace) -> None:
-    from t2t_dist.data import make_digits_dataset
+    from t2t_dist.data import make_digits_dataset  # torch, scikit-learn
 
     urls = make_digits_dataset(args.dest, img_size=args.img_size)
     print(f"digits shards: train={urls['train']} val={urls['val']}")
 
 
 def _sweep_report(args: argparse.Namespace) -> None:
-    from t2t_dist.launch.report import sweep_report
+    from t2t_dist.launch.report import sweep_report  # torch, MLflow
     from t2t_dist.tracking import resolve_tracking_uri
 
     print(sweep_report(args.name, resolve_tracking_uri(args.tracking_uri)))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from t2t_dist.config import ModelConfig
     from t2t_dist.export import register_model, released_state_dict, resolve_weights, save_weights
-    from t2t_dist.tracking import resolve_tracking_uri
+    from t2t_dist.tracking import resolve_tracking_uri  # with export: torch
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     weights = resolve_weights(args.source, storage_path=args.storage_path,
@@ -144,11 +144,11 @@ def _export(args: argparse.Namespace) -> None:
         print(f"registered {args.register} version {version} as {uri} at {tracking_uri}")
 
 
-def _sweep_report(args: argparse.Namespace) -> None:
-    from t2t_dist.launch.report import sweep_report
-    from t2t_dist.tracking import resolve_tracking_uri
-
-    print(sweep_report(args.name, resolve_tracking_uri(args.tracking_uri)))
+def _add_progress_every(parser: argparse.ArgumentParser) -> None:
+    """``--progress-every SECONDS`` of the long shard commands (write, check)."""
+    parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                        help="when stderr is not a terminal, a progress line every SECONDS "
+                             "(0: none); on a terminal, a progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,17 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--strict", action="store_true",
                        help="stop at the first file that is not a usable image (default: skip "
                             "it and list it in <prefix>.bad-files.json beside the manifest)")
-    write.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
-                       help="when stderr is not a terminal, a progress line every SECONDS "
-                            "(0: none); on a terminal, a progress bar")
+    _add_progress_every(write)
     write.set_defaults(func=_shards_write)
     check = shard_commands.add_parser("check", help="read shards back and report")
     check.add_argument("urls", help="e.g. s3://bucket/train/imagenet1k-train-{0000..1023}.tar")
     check.add_argument("--write-manifest", action="store_true",
                        help="write the manifest readers need (for shards made by other tools)")
-    check.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
-                       help="when stderr is not a terminal, a progress line every SECONDS "
-                            "(0: none); on a terminal, a progress bar")
+    _add_progress_every(check)
     check.set_defaults(func=_shards_check)
     digits = shard_commands.add_parser("digits", help="scikit-learn digits as demo shards")
     digits.add_argument("dest", help="local folder or s3://bucket/prefix")

@@ -29,7 +29,7 @@ _EXPORTS = {
     "ShardTable": "manifest", "check_shards_exist": "manifest", "load_shard_table": "manifest",
     "manifest_pattern": "manifest",
     "expand_urls": "urls", "map_local_parts": "urls", "split_patterns": "urls",
-    "write_shards": "writer",
+    "bad_files_url": "writer", "write_shards": "writer",
 }
 __all__ = sorted(_EXPORTS)
 
