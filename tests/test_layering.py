@@ -54,6 +54,25 @@ def test_imports_flow_left(path):
             f"{module} ({room}) imports {name} ({target}): imports must flow left along {LAYERS}")
 
 
+# Inside launch/, the same one-way flow: each room imports only rooms to its left. Checks and
+# stopping first, the worker side next, the driver, then what drives it (jobs' shared parts).
+LAUNCH_ROOMS = ["preflight", "stop", "sweep", "report", "build", "train_worker", "driver",
+                "evaluation", "tune", "job"]
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "launch").glob("*.py")), ids=lambda p: p.name)
+def test_launch_rooms_flow_left(path):
+    if path.stem == "__init__":
+        return
+    assert path.stem in LAUNCH_ROOMS, f"launch/{path.name} is not in LAUNCH_ROOMS: place it"
+    for name in _imports(path):
+        if name.startswith("t2t_dist.launch."):
+            target = name.split(".")[2]
+            assert LAUNCH_ROOMS.index(target) < LAUNCH_ROOMS.index(path.stem), (
+                f"launch/{path.name} imports {name}: launch rooms import only those left of "
+                f"them in {LAUNCH_ROOMS}")
+
+
 RAY_ROOTS = ("ray",)
 
 

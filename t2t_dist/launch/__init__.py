@@ -5,10 +5,13 @@
     result = launch(config)                # Ray Train V2 TorchTrainer.fit()
     print(summary(config, result))
 
-Modules: ``driver`` (prepare, connect, trainer, stop on SIGTERM/SIGUSR1, summary),
-``preflight``, ``build`` (config -> model, engine, loaders, EMA, checkpointer, tracker: shared
-by every worker entry), ``train`` (the training worker's entry point), ``evaluate``, ``tune``
-and ``report`` (sweeps), and ``job`` (what the scripts in ``jobs/`` share).
+Modules: ``job`` (what the scripts in ``jobs/`` share), ``driver`` (prepare, connect, the
+TorchTrainer, launch, summary), ``preflight``, ``stop`` (stopping early: stop requests on
+SIGTERM/SIGUSR1, stop records, ``TrainingStopped``/``RunPreempted``), ``build`` (config ->
+model, engine, loaders, EMA, checkpointer, tracker: shared by every worker entry),
+``train_worker`` (the training worker's entry point), ``evaluation`` (the evaluation job),
+and for sweeps ``sweep`` (trial configs, checked before Ray), ``tune`` (Ray Tune) and
+``report`` (the sweep's MLflow runs and results).
 """
 
 from t2t_dist.launch.driver import launch, prepare, summary
