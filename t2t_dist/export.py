@@ -112,12 +112,18 @@ def consolidate_checkpoint(directory: str | Path, *, ema: bool = False) -> dict[
     if not (directory / DEEPSPEED_TAG).is_dir():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} holds no DeepSpeed state "
                                 f"'{DEEPSPEED_TAG}/'")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-    # deepspeed: ~1.2 s to import, and it must see DS_ACCELERATOR first (above).
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not any((directory / DEEPSPEED_TAG).glob("*optim_states.pt")):
+        # ZeRO-0: no shards; the module rank 0 saved is the whole model (fp32 weights in fp32
+        # and bf16-autocast runs, the fp16 copy in fp16 runs).
+        state = torch.load(directory / DEEPSPEED_TAG / "mp_rank_00_model_states.pt",
+                           map_location="cpu", weights_only=False)["module"]
+    else:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        # deepspeed: ~1.2 s to import, and it must see DS_ACCELERATOR first (above).
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG)
     return {name: tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
             for name, tensor in state.items()}
 
