@@ -177,7 +177,7 @@ def older_checkpoints(checkpoint) -> Iterator:
     path, filesystem = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
     if path is None or filesystem is None:
         return
-    from pyarrow.fs import FileSelector, FileType
+    from pyarrow.fs import FileSelector, FileType  # Ray's dependency, not ours: fallback only
 
     parent, _, name = str(path).rstrip("/").rpartition("/")
     found = filesystem.get_file_info(FileSelector(parent))
@@ -195,7 +195,7 @@ def convert_to_universal(directory: Path, output: Path) -> None:
     one extract worker (no process pool inside a Ray worker). DeepSpeed's progress prints are
     kept out of the job's output.
     """
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # ~1.2 s: another world size only
 
     args = argparse.Namespace(input_folder=str(directory / DEEPSPEED_TAG),
                               output_folder=str(output / UNIVERSAL_TAG), num_extract_workers=1,
@@ -346,6 +346,7 @@ class Checkpointer:
     def _load_frozen(self, directory: Path) -> None:
         """Frozen parameters (the performer's random features) and buffers, which a universal
         load leaves as initialized: taken from the consolidated checkpoint."""
+        # deepspeed: ~1.2 s to import; only a load on another world size gets here.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         if self.engine.zero_optimization_stage() < 3:  # rank 0 saved the whole module
@@ -358,6 +359,8 @@ class Checkpointer:
         frozen = [(name, param) for name, param in module.named_parameters() if not param.requires_grad]
         gather = contextlib.nullcontext()
         if self.engine.zero_optimization_stage() == 3 and frozen:
+            # Not at this module's top: export and the CLI import it, and DeepSpeed reads
+            # DS_ACCELERATOR when first imported (~1.2 s).
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0)

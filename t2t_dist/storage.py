@@ -36,6 +36,7 @@ STREAM_RESUMES = 3  # re-issued ranged GETs after a broken body, in a row withou
 @functools.cache
 def _broken_body_errors() -> tuple[type[BaseException], ...]:
     """What reading a GetObject body raises when the connection breaks mid-body."""
+    # S3 only (and cached): a local store never loads botocore or urllib3.
     import http.client
 
     import botocore.exceptions as botocore_errors
@@ -151,7 +152,7 @@ class _S3Range(io.RawIOBase):
         return True
 
     def _open(self) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # S3 only
 
         last = "" if self._end is None else str(self._end - 1)
         try:  # botocore retries transient failures of the call itself
@@ -238,7 +239,7 @@ class S3Store:
     def client(self):
         # A client must not cross fork(): DataLoader and writer processes make their own.
         if self._client is None or self._client_pid != os.getpid():
-            import boto3
+            import boto3  # ~0.1 s and a session: S3 stores only
             from botocore.config import Config
 
             global _SESSION

@@ -16,6 +16,7 @@ Only names and numbers: the section round-trips through YAML and lands in MLflow
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,8 +151,6 @@ class TuneConfig:
 
 def check_space_fields(tune: TuneConfig, known: list[str]) -> None:
     """Every field the space sets is one of ``known`` (dotted config fields), else one line."""
-    import difflib
-
     for name in tune.fields():
         if name not in known or name.startswith("tune."):
             close = difflib.get_close_matches(name, known, n=3)

@@ -19,6 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
+from t2t_dist.data.digits import make_digits_dataset
+
 DEMO_SCHEME = "digits://"
 SPLITS = ("train", "val")
 
@@ -38,8 +40,6 @@ def is_demo_url(url: str) -> bool:
 def ensure_digits_shards(img_size: int) -> dict[str, str]:
     """The digits shards at ``img_size`` in the cache, built once (under a lock) if missing;
     returns ``{"train": pattern, "val": pattern}``."""
-    from t2t_dist.data.digits import make_digits_dataset
-
     root = cache_dir() / f"digits-{img_size}px"
     done = root / "patterns.json"  # written last: its presence means the shards are whole
     root.parent.mkdir(parents=True, exist_ok=True)

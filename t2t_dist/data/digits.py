@@ -21,7 +21,7 @@ from t2t_dist.storage import is_s3
 def write_digits_folders(root: str | Path, *, img_size: int = 64, val_fraction: float = 1 / 6,
                          seed: int = 0) -> dict[str, Path]:
     """``root/{train,val}/<digit>/<index>.jpg``; the split is stratified and fixed by ``seed``."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # ~1 s; only when the demo data is first built
 
     digits = load_digits()
     rng = np.random.default_rng(seed)

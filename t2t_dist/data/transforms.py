@@ -78,7 +78,7 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def _simplejpeg():
-    try:
+    try:  # optional: data.decoder='pil' runs without it
         import simplejpeg
     except ImportError:
         raise ImportError("data.decoder='simplejpeg' needs the simplejpeg package: "
@@ -208,7 +208,7 @@ def check_decoder(decoder: str) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("data.decoder='cuda' needs a CUDA device: none is visible here "
                                "(expected data.decoder='pil' or 'simplejpeg' on CPU machines)")
-        try:
+        try:  # optional (the gpu extra): only data.decoder='cuda' needs it
             import torchvision.io  # noqa: F401
         except ImportError:
             raise ImportError("data.decoder='cuda' needs torchvision (the build that matches "
@@ -241,7 +241,7 @@ class EncodedBatch(NamedTuple):
 
 def _decode_one_on_device(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """(3, H, W) uint8 on ``device``: nvJPEG, else Pillow (PNG, CMYK); None if neither can."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # optional: the gpu extra
 
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -258,7 +258,7 @@ def decode_batch_on_device(batch: EncodedBatch, img_size: int, *, train: bool, c
                            device: torch.device | None = None) -> torch.Tensor:
     """Decode, crop, resize and flip a batch on the GPU: uint8 (B, 3, img_size, img_size).
     One batched nvJPEG call, then ``crop_resize_batch``: a fixed number of launches per batch."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # optional: the gpu extra
 
     device = device or torch.device("cuda", torch.cuda.current_device())
     offsets = batch.offsets.tolist()

@@ -81,7 +81,7 @@ def run_tags(config: Config) -> dict[str, str]:
                                 cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    import ray
+    import ray  # Ray (~1 s with Ray Train) loads once the job starts: bad input fails first
 
     context = ray.get_runtime_context()
     return {"git_commit": commit or "unknown",
@@ -93,7 +93,7 @@ def run_tags(config: Config) -> dict[str, str]:
 
 def connect(config: Config) -> None:
     """Connect to the cluster (``RAY_ADDRESS`` / ``scaling.ray_address``) or start a local Ray."""
-    import ray
+    import ray  # see run_tags
 
     if ray.is_initialized():
         return
@@ -107,7 +107,7 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     ``worker`` is the per-worker entry (default: training); ``callbacks`` are Ray Train
     callbacks (a Tune sweep passes its report callback); ``name`` overrides ``run.name``.
     """
-    import ray.train
+    import ray.train  # see run_tags; train_worker imports Ray Train and the whole worker side
     from ray.train.torch import TorchTrainer
 
     from t2t_dist.launch.train_worker import train_worker

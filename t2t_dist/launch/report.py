@@ -1,11 +1,11 @@
 """A sweep in MLflow: one parent run per sweep, one nested child per trial, and the results
 read back from them (one row per trial, the table, ``results.csv`` and the plot).
 
-    experiment, parent_id = open_parent(config)                  # main process; found again on resume
+    experiment, parent_id = open_parent(config)     # main process; found again on resume
     open_child(trial, sweep=..., experiment=..., parent_id=..., trial_id=..., values=...)
     close_child(config.run.tracking_uri, experiment, trial_id, failed=False)
-    rows, table = finish_parent(config, parent_id)               # results.csv + plot on the parent
-    print(sweep_report("arch-transfer", tracking_uri))           # later, from any process
+    rows, table = finish_parent(config, parent_id)  # results.csv and the plot on the parent
+    print(sweep_report("arch-transfer", tracking_uri))  # later, from any process
 
 The trial's rank-0 worker continues its child run (``MlflowTracker`` finds runs by run name).
 The plot follows the paper's Figure 1: best top-1 against GMACs and against parameters, one
@@ -117,7 +117,7 @@ def write_csv(rows: list[Row], path: str | Path, fields: list[str], metric: str)
 def plot_sweep(rows: list[Row], path: str | Path, *, title: str, metric: str) -> None:
     """Figure 1 style: best ``metric`` against GMACs and against params (M), one labeled
     point per trial; early-stopped trials hollow, failed ones left out."""
-    import matplotlib
+    import matplotlib  # ~0.5 s with pyplot; the plot alone needs it, headless (Agg) first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
