@@ -5,7 +5,9 @@ No API server runs here, so: KubeRay objects (RayJob, RayCluster) against the
 the API server is (unknown fields rejected, ``default``s applied before ``required``);
 built-in kinds (Deployment, Service, Secret, ConfigMap, PVC) with ``kubernetes-validate`` in
 strict mode. A deliberately broken copy of each manifest must fail. CEL rules
-(``x-kubernetes-validations``) are not evaluated.
+(``x-kubernetes-validations``) are not evaluated. ``rendered_pods`` gives the pods the
+manifests make (KubeRay's included) to the pod-security and network tests; no Secret value
+reaches a command line once the kubelet has expanded ``$(VAR)``s.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ KUBERNETES_VERSION = "1.32.0"  # the oldest API we promise; kubectl 1.32 on the 
 NOT_MANIFESTS = {"runtime_env.yaml"}  # for `ray job submit`, checked at the end
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
-                "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
+                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
+                "POSTGRES_PASSWORD", "PGPASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME",
+                "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                "T2T_MLFLOW_USERNAME", "T2T_MLFLOW_PASSWORD")
 
 
 def manifest_files() -> list[Path]:
@@ -202,9 +207,92 @@ def pod_specs(doc: dict) -> list[dict]:
     if doc["kind"] in ("RayJob", "RayCluster"):
         groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
         return [group["template"]["spec"] for group in groups]
-    if doc["kind"] == "Deployment":
+    if doc["kind"] in ("Deployment", "Job"):
         return [spec["template"]["spec"]]
     return []
+
+
+RAY_CLUSTER_SUFFIX = "-x7k2q"  # KubeRay names a RayJob's cluster <RayJob name>-<random>
+
+
+def rendered_pods(documents: list[tuple[str, dict]] | None = None) -> list[tuple[str, dict]]:
+    """``(name, v1 Pod)`` for every pod the manifests make, as the API server will see it.
+
+    Deployments and Jobs: their templates. RayJob and RayCluster: what KubeRay makes of each
+    group (ray-operator/controllers/ray/common/pod.go, job.go, v1.5-1.7): the template's
+    labels over KubeRay's own (``ray.io/node-type``, ``ray.io/cluster`` ... not overridable),
+    the autoscaler container beside the head (image of the head, ``autoscalerOptions``'
+    securityContext, resources and mounts, plus KubeRay's log volume at /tmp/ray), the
+    ``wait-gcs-ready`` init container of workers (the Ray container's image, securityContext,
+    env and mounts), and a RayJob's submitter pod (``submitterPodTemplate``). Left out: the
+    probes and environment KubeRay adds, which change nothing a policy checks.
+    """
+    pods = []
+    for name, doc in DOCUMENTS if documents is None else documents:
+        spec = doc.get("spec", {})
+        if doc["kind"] in ("Deployment", "Job"):
+            template = spec["template"]
+            pods.append((doc["metadata"]["name"], {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": doc["metadata"]["name"],
+                             "labels": dict(template["metadata"].get("labels", {}))},
+                "spec": copy.deepcopy(template["spec"])}))
+        if doc["kind"] not in ("RayJob", "RayCluster"):
+            continue
+        cluster = spec.get("rayClusterSpec", spec)
+        cluster_name = doc["metadata"]["name"] + (RAY_CLUSTER_SUFFIX if doc["kind"] == "RayJob" else "")
+        groups = [("head", "headgroup", cluster["headGroupSpec"])] + [
+            ("worker", group["groupName"], group) for group in cluster.get("workerGroupSpecs", [])]
+        for node_type, group_name, group in groups:
+            template = copy.deepcopy(group["template"])
+            labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
+                      "app.kubernetes.io/created-by": "kuberay-operator",
+                      **template.get("metadata", {}).get("labels", {}),
+                      "ray.io/cluster": cluster_name, "ray.io/node-type": node_type,
+                      "ray.io/group": group_name}
+            pod = template["spec"]
+            ray_container = pod["containers"][0]
+            if node_type == "head" and cluster.get("enableInTreeAutoscaling"):
+                options = cluster.get("autoscalerOptions", {})
+                pod.setdefault("volumes", []).append({"name": "ray-logs", "emptyDir": {}})
+                ray_container.setdefault("volumeMounts", []).append(
+                    {"name": "ray-logs", "mountPath": "/tmp/ray"})
+                pod["containers"].append({
+                    "name": "autoscaler", "image": options.get("image", ray_container["image"]),
+                    "imagePullPolicy": options.get("imagePullPolicy", "IfNotPresent"),
+                    "command": ["/bin/bash", "-lc", "--"], "args": ["ray kuberay-autoscaler"],
+                    "resources": options.get("resources", {}),
+                    "volumeMounts": [*options.get("volumeMounts", []),
+                                     {"name": "ray-logs", "mountPath": "/tmp/ray"}],
+                    **({"securityContext": options["securityContext"]}
+                       if "securityContext" in options else {})})
+            if node_type == "worker":
+                pod.setdefault("initContainers", []).append({
+                    "name": "wait-gcs-ready", "image": ray_container["image"],
+                    "imagePullPolicy": ray_container.get("imagePullPolicy", "IfNotPresent"),
+                    "command": ["/bin/bash", "-lc", "--"], "args": ["ray health-check"],
+                    "resources": {"requests": {"cpu": "200m", "memory": "256Mi"},
+                                  "limits": {"cpu": "200m", "memory": "256Mi"}},
+                    **{key: copy.deepcopy(ray_container[key])
+                       for key in ("securityContext", "env", "envFrom", "volumeMounts")
+                       if key in ray_container and key != "envFrom"}})
+            pods.append((f"{doc['metadata']['name']}-{group_name}", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{doc['metadata']['name']}-{group_name}", "labels": labels},
+                "spec": pod}))
+        if doc["kind"] == "RayJob" and spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            template = copy.deepcopy(spec.get("submitterPodTemplate") or {"spec": {"containers": [
+                {"name": "ray-job-submitter", "image": cluster["headGroupSpec"]["template"]["spec"]
+                 ["containers"][0]["image"]}], "restartPolicy": "Never"}})
+            labels = {**template.get("metadata", {}).get("labels", {}),
+                      "ray.io/originated-from-cr-name": doc["metadata"]["name"],
+                      "ray.io/originated-from-crd": "RayJob",
+                      "app.kubernetes.io/created-by": "kuberay-operator"}
+            pods.append((f"{doc['metadata']['name']}-submitter", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{doc['metadata']['name']}-submitter", "labels": labels},
+                "spec": template["spec"]}))
+    return pods
 
 
 @pytest.mark.parametrize("name, doc", [(n, d) for n, d in DOCUMENTS if pod_specs(d)],
@@ -229,7 +317,7 @@ def test_ray_pods_get_settings_shared_memory_and_token_auth(kind):
         for pod in pod_specs(doc):
             (container,) = pod["containers"]
             sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
-            assert sources == {"t2t-settings", "t2t-s3"}
+            assert sources == {"t2t-settings", "t2t-s3", "mlflow-training"}
             shm = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"}
             (volume,) = [v for v in pod["volumes"] if v["name"] in shm]
             assert volume["emptyDir"]["medium"] == "Memory"
@@ -253,13 +341,125 @@ def test_autoscaling_cluster_scales_from_zero():
         assert group["minReplicas"] == 0 < group["maxReplicas"]
 
 
-def test_mlflow_server_uses_postgres_and_s3():
+def mlflow_container() -> dict:
     (server,) = [doc for name, doc in DOCUMENTS if name == "mlflow.yaml:Deployment/mlflow"]
-    args = server["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert any(a.startswith("--backend-store-uri=postgresql://") for a in args)
+    return server["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_mlflow_server_uses_postgres_s3_and_basic_auth():
+    import configparser
+
+    container = mlflow_container()
+    args = container["args"]
+    assert "--app-name=basic-auth" in args
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)
+    assert not any(a.startswith("--backend-store-uri") for a in args)  # the URI comes from env
+    env = {variable["name"]: variable for variable in container["env"]}
+    # psycopg2 named: SQLAlchemy 2.1 would pick psycopg 3, which the image lacks.
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql+psycopg2://mlflow-postgres:5432"
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres",
+                                                              "key": "POSTGRES_PASSWORD"}
+    assert {"name": "mlflow-admin"} in [source.get("secretRef") for source in container["envFrom"]]
+    # The auth settings: mounted where MLFLOW_AUTH_CONFIG_PATH points, users in PostgreSQL.
+    (config_map,) = [doc for name, doc in DOCUMENTS if name == "mlflow.yaml:ConfigMap/mlflow-auth"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "auth-config")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/basic_auth.ini"
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"]["basic_auth.ini"])
+    assert ini["mlflow"]["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert "admin_password" not in ini["mlflow"]
     services = {doc["metadata"]["name"] for _, doc in DOCUMENTS if doc["kind"] == "Service"}
     assert {"mlflow", "mlflow-postgres"} <= services
+
+
+def test_training_user_job_logs_in_as_admin_to_manage_the_training_user():
+    (job,) = [doc for name, doc in DOCUMENTS if name == "mlflow.yaml:Job/mlflow-user"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"]
+           if "secretKeyRef" in v.get("valueFrom", {})}
+    assert env["MLFLOW_TRACKING_PASSWORD"] == {"name": "mlflow-admin", "key": "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    assert env["T2T_MLFLOW_PASSWORD"] == {"name": "mlflow-training", "key": "MLFLOW_TRACKING_PASSWORD"}
+    assert container["command"][-1] == "/opt/mlflow/mlflow_user.py"
+    assert "COPY cluster/k8s/mlflow_user.py /opt/mlflow/mlflow_user.py" in \
+        (ROOT / "cluster" / "Dockerfile").read_text()
+
+
+def example_secrets() -> dict[str, str]:
+    """Every key of every Secret in secrets.example.yaml, with a distinct test value."""
+    values = {}
+    for doc in yaml.safe_load_all((K8S / "secrets.example.yaml").read_text()):
+        for key in doc["stringData"]:
+            values[f"{doc['metadata']['name']}/{key}"] = f"t2t-test-{doc['metadata']['name']}-{key}"
+    return values
+
+
+def container_environment(container: dict, secrets: dict[str, str]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it, Secrets read from ``secrets``
+    (``"secret/key" -> value``), ConfigMaps left as placeholders, ``$(VAR)`` expanded."""
+    env = {}
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            prefix = source["secretRef"]["name"] + "/"
+            env.update({k[len(prefix):]: v for k, v in secrets.items() if k.startswith(prefix)})
+    for variable in container.get("env", []):
+        reference = variable.get("valueFrom", {}).get("secretKeyRef")
+        if reference:
+            env[variable["name"]] = secrets[f"{reference['name']}/{reference['key']}"]
+        elif "value" in variable:
+            env[variable["name"]] = expand(variable["value"], env)
+    return env
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion in command, args and env values."""
+    import re
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def command_lines(pod: dict, secrets: dict[str, str]) -> list[str]:
+    """Every command line the pod's containers run (expanded as the kubelet does), probes'
+    included: what `ps` on the node and the pod's status show."""
+    lines = []
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        env = container_environment(container, secrets)
+        lines.append(" ".join(expand(part, env) for part in
+                              [*container.get("command", []), *container.get("args", [])]))
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            command = container.get(probe, {}).get("exec", {}).get("command", [])
+            lines.append(" ".join(expand(part, env) for part in command))
+    return lines
+
+
+def secrets_on_command_lines(documents) -> list[str]:
+    secrets = example_secrets()
+    found = []
+    for name, pod in rendered_pods(documents):
+        for line in command_lines(pod["spec"], secrets):
+            found += [f"{name}: {key}" for key, value in secrets.items() if value in line]
+    for name, doc in documents:  # the manifests themselves: what `kubectl get -o yaml` shows
+        if doc["kind"] != "Secret":
+            text = yaml.safe_dump(doc)
+            found += [f"{name}: {key}" for key, value in secrets.items() if value in text]
+            if doc["kind"] == "RayJob":  # KubeRay puts the entrypoint on the submitter's command line
+                found += [f"{name}: $({v}) in the entrypoint" for v in SECRET_NAMES
+                          if f"$({v})" in doc["spec"]["entrypoint"] or f"${v}" in doc["spec"]["entrypoint"]]
+    return found
+
+
+def test_no_secret_reaches_a_command_line():
+    """With a distinct value in every Secret key, no command line, probe or manifest holds one
+    once the kubelet has expanded ``$(VAR)``s (the old MLflow args expanded the database
+    password into the server's command line)."""
+    assert secrets_on_command_lines(DOCUMENTS) == []
+
+
+def test_a_password_expanded_into_args_is_found():
+    broken = copy.deepcopy(DOCUMENTS)
+    server = next(doc for name, doc in broken if name == "mlflow.yaml:Deployment/mlflow")
+    server["spec"]["template"]["spec"]["containers"][0]["args"].append(
+        "--backend-store-uri=postgresql://$(PGUSER):$(PGPASSWORD)@mlflow-postgres:5432/$(PGDATABASE)")
+    assert "mlflow: mlflow-postgres/POSTGRES_PASSWORD" in secrets_on_command_lines(broken)
 
 
 def test_runtime_env_is_accepted_by_ray():

@@ -50,7 +50,7 @@ def test_hadolint_finds_nothing(tmp_path):
 
 @pytest.mark.parametrize("breakage, code", [
     (("apt-get install -y --no-install-recommends", "apt-get install"), "DL3014"),  # no -y
-    (("USER 1001\nEOF_MARK", "USER root\n"), "DL3002"),  # the image would run as root
+    (("USER 10001\nEOF_MARK", "USER root\n"), "DL3002"),  # the image would run as root
     (("WORKDIR /opt/t2t-dist", "RUN cd /opt/t2t-dist"), "DL3003"),
     (("pip install --no-cache-dir", "pip install"), "DL3042"),
 ])
@@ -67,7 +67,7 @@ def test_explicit_pins_match_constraints():
     """``name==version`` in the Dockerfile must be the version we test with, where we pin one."""
     pins = constraints()
     text = DOCKERFILE.read_text()
-    explicit = re.findall(r"\b([A-Za-z0-9_.-]+)==([0-9][A-Za-z0-9.+]*)", text)
+    explicit = re.findall(r"\b([A-Za-z0-9_.-]+)(?:\[[A-Za-z0-9_,.-]+\])?==([0-9][A-Za-z0-9.+]*)", text)
     assert explicit, "the Dockerfile pins nothing explicitly"
     for name, version in explicit:
         key = name.lower().replace("_", "-")
@@ -75,6 +75,21 @@ def test_explicit_pins_match_constraints():
             assert version == pins[key], f"{name}=={version} in the Dockerfile, {pins[key]} in constraints.txt"
     assert text.count("-c constraints.txt") >= 4  # torch, build tools, deepspeed, the project
     assert "torch" in pins and "deepspeed" in pins
+
+
+def test_every_image_runs_as_the_fixed_non_root_uid_it_creates():
+    """Each stage ends as the uid it created (the manifests' runAsUser, cluster/k8s/), 10000
+    or above (clear of host users), and the MLflow image has its auth app."""
+    text = DOCKERFILE.read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) == 2
+    for stage in stages:
+        created = re.findall(r"useradd --create-home --uid (\d+) ", stage)
+        users = re.findall(r"^USER (\S+)$", stage, flags=re.M)
+        assert created and users and users[-1] == created[-1], stage.splitlines()[0]
+        assert int(users[-1]) == 10001
+    assert "mlflow[auth]==" in stages[0]  # basic-auth needs Flask-WTF
+    assert "COPY cluster/k8s/mlflow_user.py " in stages[0]
 
 
 def test_deepspeed_ops_are_prebuilt_for_the_target_gpus():
