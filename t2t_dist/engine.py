@@ -42,6 +42,14 @@ from t2t_dist.optim import param_groups
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def compute_dtypes(engine: EngineConfig) -> tuple[torch.dtype, torch.dtype | None]:
+    """(the module's weight dtype, the autocast dtype of its forward or None) under ``engine``:
+    bf16 at ZeRO-0 is autocast over fp32 weights, otherwise the weights are in the precision."""
+    if engine.precision == "bf16" and engine.zero_stage == 0:
+        return torch.float32, torch.bfloat16
+    return DTYPES[engine.precision], None
+
+
 def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: int,
                      world_size: int, device_type: str = "cpu") -> dict:
     """The DeepSpeed config dict for our engine + optim configs on ``world_size`` workers.
@@ -67,7 +75,7 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, global_batch: 
         # Gather the full 16-bit weights when saving, so the consolidated model needs no
         # second pass; prefetch and persistence thresholds stay at DeepSpeed's defaults.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    autocast = engine.precision == "bf16" and engine.zero_stage == 0
+    autocast = compute_dtypes(engine)[1] is not None
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,

@@ -90,8 +90,10 @@ def train_step(engine, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 @torch.random.fork_rng(devices=[])  # evaluation never shifts the training RNG stream
 def evaluate(model: nn.Module, loader, *, data: DataConfig, device: torch.device,
-             dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the whole validation set, summed over ranks.
+             dtype: torch.dtype = torch.float32,
+             autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the whole validation set, summed over ranks. Images are
+    cast to ``dtype``; the forward runs under ``torch.autocast(autocast)`` unless it is None.
 
     Padding samples (label -1, which keep ranks at equal batch counts) are left out.
     Every rank must call this: ZeRO-3 gathers parameters in the forward.
@@ -100,7 +102,8 @@ def evaluate(model: nn.Module, loader, *, data: DataConfig, device: torch.device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     for images, labels in loader:
-        logits = model(normalize(images.to(device), data).to(dtype)).float()  # (B, C)
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = model(normalize(images.to(device), data).to(dtype)).float()  # (B, C)
         labels = labels.to(device)
         keep = labels >= 0
         logits, labels = logits[keep], labels[keep]

@@ -22,7 +22,7 @@ from t2t_dist import dist
 from t2t_dist.checkpoint import CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger
 from t2t_dist.config import Config, batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
-from t2t_dist.engine import DTYPES, build_engine
+from t2t_dist.engine import build_engine, compute_dtypes
 from t2t_dist.loop import TrainParts, steps_per_epoch
 from t2t_dist.models import T2TViT, load_pretrained, resolve
 from t2t_dist.optim import LRSchedule, WeightEma
@@ -89,24 +89,25 @@ class EvalParts:
     device: torch.device
     model: nn.Module
     dtype: torch.dtype
+    autocast: torch.dtype | None
     val_loader: Any
     tracker: MlflowTracker | NullTracker
 
 
 def build_eval_parts(config: Config, *, tags: dict[str, str]) -> EvalParts:
-    """Model (``model.pretrained`` loaded, cast to ``engine.precision``) and validation loader.
+    """Model (``model.pretrained`` loaded, in the engine's weight dtype) and validation loader.
 
     No DeepSpeed: plain weights on every worker; ``loop.evaluate`` sums over ranks. The model
-    computes in the dtype the engine computed in during training (bf16 weights are the fp32
-    masters rounded, as DeepSpeed's own copy is), so a checkpoint scores exactly what the
-    in-training evaluation of that step scored.
+    computes as the engine computed during training (bf16 at ZeRO-0: autocast over the fp32
+    weights; with ZeRO, bf16 weights, the fp32 masters rounded as DeepSpeed's own copy is), so a
+    checkpoint scores exactly what the in-training evaluation of that step scored.
     """
     device = ray.train.torch.get_device()
-    dtype = DTYPES[config.engine.precision]
+    dtype, autocast = compute_dtypes(config.engine)
     val_loader = build_val_loader(config.data, img_size=config.model.img_size, rank=dist.rank(),
                                   world_size=dist.world_size())
     model = build_model(config).to(device=device, dtype=dtype).eval()
     if config.model.compile:
         model = torch.compile(model)
-    return EvalParts(device=device, model=model, dtype=dtype, val_loader=val_loader,
-                     tracker=make_tracker(config, tags=tags))
+    return EvalParts(device=device, model=model, dtype=dtype, autocast=autocast,
+                     val_loader=val_loader, tracker=make_tracker(config, tags=tags))

@@ -130,7 +130,7 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     status = "FAILED"
     try:
         metrics = evaluate(parts.model, parts.val_loader, data=config.data, device=parts.device,
-                           dtype=parts.dtype)
+                           dtype=parts.dtype, autocast=parts.autocast)
         result = {f"eval/{key}": value for key, value in metrics.items()}
         parts.tracker.log(result, step=int(tags.get("source_step", 0) or 0))
         report_result(result)
