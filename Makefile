@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV := $(VENV)/checkov/.installed
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: venv demo test models clean mutation compiler
@@ -25,6 +26,14 @@ compiler:
 	  "DeepSpeed builds a small C++ op on CPU. Install one: sudo apt-get install g++" \
 	  "(Debian/Ubuntu), sudo dnf install gcc-c++ (Fedora), or set CXX" >&2; exit 1; }
 
+# checkov, the Kubernetes policy scanner the cluster tests run over every manifest, pins its own
+# boto3, packaging and networkx (older than ours): it gets an environment of its own.
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q --upgrade pip
+	$(VENV)/checkov/bin/pip install -q 'checkov==3.3.30'
+	touch $@
+
 # The job builds its digits shards itself on first use (in ~/.cache/t2t-dist).
 demo: compiler $(STAMP)
 	$(BIN)/python jobs/pretrain.py --config jobs/configs/demo.yaml
@@ -33,7 +42,7 @@ models: $(STAMP)
 	$(BIN)/t2t-dist models
 
 # The default run: everything that needs no GPU and no Slurm install, in well under 15 min on 2 cores.
-test: compiler $(STAMP)
+test: compiler $(STAMP) $(CHECKOV)
 	$(BIN)/python -m pytest
 
 # Mutation testing, not part of `make test`: mutmut breaks one spot at a time in optim, engine,
