@@ -15,10 +15,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from t2t_dist.config import ConfigError, load_config, run_name, to_dict
+from t2t_dist.config import ConfigError, load_config, run_dir, run_name, to_dict
 from t2t_dist.launch import prepare, preflight
 from t2t_dist.launch.driver import save_resolved_config
 from t2t_dist.launch.preflight import check_resumable
+from t2t_dist.storage import open_store
 from t2t_dist.tracking import RUN_NAME_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_run_name_follows_the_model_unless_given():
 
 def test_resuming_another_model_is_refused_in_one_line(tmp_path):
     first = load_config(DEMO, overrides=[f"run.storage_path={tmp_path}", "run.name=shared"])
-    save_resolved_config(first)
+    save_resolved_config(first, open_store(run_dir(first)))
     check_resumable(load_config(DEMO, overrides=[  # what may change on resume
         f"run.storage_path={tmp_path}", "run.name=shared", "optim.lr=1e-3", "optim.epochs=20",
         "scaling.num_workers=1", "run.eval_every=5", "model.drop_path_rate=0.1"]))

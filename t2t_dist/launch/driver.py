@@ -22,7 +22,7 @@ from t2t_dist.config import SAVED_CONFIG, Config, run_dir, run_name, to_dict
 from t2t_dist.data import is_demo_url, map_local_parts, resolve_demo_urls
 from t2t_dist.launch.preflight import check_model, is_remote
 from t2t_dist.launch.stop import raise_if_stopped, stop_on_signals
-from t2t_dist.storage import open_store
+from t2t_dist.storage import Store, open_store
 from t2t_dist.tracking import resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
@@ -136,11 +136,10 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     )
 
 
-def save_resolved_config(config: Config) -> str:
+def save_resolved_config(config: Config, folder: Store) -> str:
     """Write the resolved config into the run's folder, beside its checkpoints; returns its URL."""
-    store = open_store(run_dir(config))
-    store.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
-    return store.url(SAVED_CONFIG)
+    folder.put(SAVED_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    return folder.url(SAVED_CONFIG)
 
 
 def launch(config: Config):
@@ -151,11 +150,12 @@ def launch(config: Config):
     SIGUSR1 (``stop.stop_on_signals``).
     """
     connect(config)
-    save_resolved_config(config)
+    folder = open_store(run_dir(config))  # the saved config and the stop files
+    save_resolved_config(config, folder)
     trainer = build_trainer(config, run_tags(config))
-    with stop_on_signals(config) as received:
+    with stop_on_signals(folder, check_every=config.run.stop_check_every) as received:
         result = trainer.fit()
-    raise_if_stopped(config, result, received)
+    raise_if_stopped(folder, result, received, run_name=config.run.name)
     return result
 
 

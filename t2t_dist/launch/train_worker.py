@@ -50,16 +50,16 @@ def train_worker(payload: dict[str, Any]) -> None:
     resume = parts.checkpointer.restore(ray.train.get_checkpoint())
     status = "FAILED"
     try:
-        store = open_store(run_dir(config))  # one store (one S3 client) for every check
-        fit(config, parts, resume=resume, stop_requested=lambda: has_stop_request(store))
+        folder = open_store(run_dir(config))  # the stop files; one store (one S3 client) for all
+        fit(config, parts, resume=resume, stop_requested=lambda: has_stop_request(folder))
         if config.run.log_model:
             log_final_models(config, parts)
         status = "FINISHED"
     except StopRequested as stop:  # the checkpoint is committed; the same command resumes
         status = "KILLED"
-        record_stop(config, f"step {stop.step}", kind="requested")
+        record_stop(folder, f"step {stop.step}", kind="requested")
     except FloatingPointError as error:
         parts.tracker.set_tags({STOP_TAG: str(error)})
-        record_stop(config, str(error), kind="failed")
+        record_stop(folder, str(error), kind="failed")
     finally:
         parts.tracker.close(status)
