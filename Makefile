@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CHECKOV := $(VENV)/checkov/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv demo test models clean mutation compiler
+.PHONY: venv demo test models clean mutation compiler audit
 
 venv: $(STAMP)
 
@@ -54,6 +54,13 @@ mutation: compiler $(STAMP)
 	rm -rf mutants  # mutmut keeps stale copies of changed sources
 	$(BIN)/mutmut run --max-children $$(nproc)
 	$(BIN)/mutmut results
+
+# Known vulnerabilities in every version we pin (not part of `make test`: it needs PyPI's JSON
+# API or OSV over the network). pip-audit in its own environment, so it audits only the pins.
+audit:
+	$(PYTHON) -m venv $(VENV)/audit
+	$(VENV)/audit/bin/pip install -q 'pip-audit>=2.10'
+	$(VENV)/audit/bin/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts
