@@ -56,11 +56,12 @@ mutation: compiler $(STAMP)
 	$(BIN)/mutmut results
 
 # Known vulnerabilities in every version we pin (not part of `make test`: it needs PyPI's JSON
-# API or OSV over the network). pip-audit in its own environment, so it audits only the pins.
+# API or OSV over the network). pip-audit in its own environment, so it audits only the pins;
+# --strict: a pin it cannot look up fails the audit instead of passing unchecked.
 audit:
 	$(PYTHON) -m venv $(VENV)/audit
 	$(VENV)/audit/bin/pip install -q 'pip-audit>=2.10'
-	$(VENV)/audit/bin/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
+	$(VENV)/audit/bin/pip-audit -r constraints.txt --no-deps --disable-pip --strict --progress-spinner off
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts
