@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.config import Config, flatten, run_dir, to_dict
+from t2t_dist.config import Config, ConfigError, flatten, run_dir, to_dict
 
 RUN_NAME_TAG = "t2t_dist.run_name"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -45,6 +46,43 @@ def resolve_tracking_uri(configured: str, cwd: str | Path | None = None) -> str:
         raise ValueError(f"run.tracking_uri={uri!r} is invalid: expected an MLflow tracking URI "
                          f"such as sqlite:///mlflow.db or http://host:5000 (./mlruns is not used)")
     return uri
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password in it (``http://user:secret@host`` -> ``http://user:***@host``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_credentials(tracking_uri: str) -> None:
+    """Fail in one line when an MLflow server refuses this process's credentials
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, as MLflow's client
+    reads them). A server that does not answer is left to the tracker, which trains on through
+    outages. No secret is ever part of the message."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    # mlflow: ~1 s to import, and only an http store needs it here.
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(tracking_uri)
+    try:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST",
+                                max_retries=0, timeout=10, raise_on_status=False,
+                                json={"max_results": 1})
+    except Exception:  # unreachable, TLS, timeouts: an outage, not a configuration error
+        return
+    if response.status_code not in (401, 403):
+        return
+    who = (f"user {creds.username!r}" if creds.username else
+           "a request without credentials (MLFLOW_TRACKING_USERNAME is unset)")
+    need = ("the MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD of a user of that server"
+            if response.status_code == 401 else "a user with access to the experiment")
+    raise ConfigError(f"run.tracking_uri={redact(tracking_uri)!r} refused {who} "
+                      f"(HTTP {response.status_code}): expected {need}")
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:

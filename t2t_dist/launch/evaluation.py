@@ -31,6 +31,7 @@ from t2t_dist.launch.build import build_eval_parts, build_model
 from t2t_dist.launch.driver import build_trainer, connect, run_tags
 from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
 from t2t_dist.loop import evaluate
+from t2t_dist.tracking import check_credentials
 
 WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
 
@@ -102,6 +103,7 @@ def materialize_weights(config: Config, source: str, *, new_head: bool,
 def preflight_evaluation(config: Config) -> None:
     """Evaluation's preflight: variant, validation shards, their class count (one line each)."""
     check_model_name(config.model.name)
+    check_credentials(config.run.tracking_uri)
     val = check_shards_resolve("val_urls", config.data.val_urls)
     if len(val.classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: the "

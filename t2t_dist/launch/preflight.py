@@ -12,6 +12,7 @@ from t2t_dist.config import SAVED_CONFIG, Config, ConfigError, flatten, run_dir,
 from t2t_dist.data import check_shards_exist
 from t2t_dist.models import list_models, resolve
 from t2t_dist.storage import open_store
+from t2t_dist.tracking import check_credentials
 
 
 def is_remote(path: str) -> bool:
@@ -106,3 +107,4 @@ def preflight(config: Config) -> None:
         raise ConfigError(f"model.num_classes={config.model.num_classes} is invalid: expected "
                           f"{len(train.classes)}, the classes of the training shards")
     check_resumable(config)
+    check_credentials(config.run.tracking_uri)
