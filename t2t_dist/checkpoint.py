@@ -86,8 +86,10 @@ def sample_fingerprints(images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     says whether exactly the same multiset of samples was trained on.
     """
     pixels = images.reshape(images.shape[0], -1)[:, ::31].to(torch.int64)  # (B, P)
-    weights = torch.arange(1, pixels.shape[1] + 1, dtype=torch.int64) * 2654435761 % 1000003
-    return ((pixels * weights).sum(dim=1) * 7 + labels.to(torch.int64) + 1) % FINGERPRINT_MODULUS
+    weights = (torch.arange(1, pixels.shape[1] + 1, dtype=torch.int64, device=images.device)
+               * 2654435761 % 1000003)
+    labels = labels.to(images.device, torch.int64)
+    return ((pixels * weights).sum(dim=1) * 7 + labels + 1) % FINGERPRINT_MODULUS
 
 
 class SampleLedger:
@@ -102,13 +104,15 @@ class SampleLedger:
 
     def __init__(self) -> None:
         self.totals: dict[int, list[int]] = {}  # epoch -> [samples, fingerprint sum]
-        self._pending: dict[int, list[int]] = {}  # this rank, since the last sync
+        # This rank since the last sync: [samples, fingerprint sum], the sum a tensor on the
+        # batches' device, so counting GPU-decoded batches never waits for the GPU.
+        self._pending: dict[int, list] = {}
 
     def add(self, epoch: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         pending = self._pending.setdefault(epoch, [0, 0])
         for images, labels in batches:
             pending[0] += int(labels.shape[0])
-            pending[1] = (pending[1] + int(sample_fingerprints(images, labels).sum())) % FINGERPRINT_MODULUS
+            pending[1] = (pending[1] + sample_fingerprints(images, labels).sum()) % FINGERPRINT_MODULUS
 
     def sync(self) -> None:
         """Fold every rank's pending counts into the totals (every rank calls this)."""
@@ -118,7 +122,8 @@ class SampleLedger:
         dist.all_reduce_sum(size)
         if int(size) != len(epochs) * dist.world_size():
             raise RuntimeError(f"ranks counted samples of different epochs: {epochs.tolist()}")
-        counts = torch.tensor([self._pending[int(e)] for e in epochs], dtype=torch.int64).reshape(-1, 2)
+        counts = torch.tensor([[samples, int(fingerprint)] for samples, fingerprint in
+                               (self._pending[int(e)] for e in epochs)], dtype=torch.int64).reshape(-1, 2)
         dist.all_reduce_sum(counts)
         for epoch, (samples, fingerprint) in zip(epochs.tolist(), counts.tolist()):
             total = self.totals.setdefault(epoch, [0, 0])
