@@ -12,7 +12,8 @@ Rows, each measured in this one process (no Ray; DeepSpeed on a one-rank process
                   the default stage compiled against the plain compiled step (ms/step)
   augment         ``BatchAugment`` alone, the default recipe, on uint8 batches on the device
   loader          our shard loader alone per decoder, from local shards of 500x375 JPEGs
-  end to end      the compiled plain step fed by the loader and ``BatchAugment``, per decoder
+  end to end      a run's step fed by the loader, per decoder: the engine at the default ZeRO
+                  stage (compiled), the sample ledger, ``BatchAugment`` and ``loop.train_step``
 and the GPU-hours of 310 epochs of ImageNet-1k (1,281,167 images) at the end-to-end rate.
 The whole run takes 3-5 minutes on an H200 (compilation included).
 """
@@ -38,8 +39,9 @@ from input_pipeline import photo_like_jpegs  # noqa: E402  (the same ImageNet-li
 
 from t2t_dist.config import DataConfig, load_config  # noqa: E402
 from t2t_dist.data import BatchAugment, build_train_loader, manifest_pattern, write_shards  # noqa: E402
-from t2t_dist.engine import build_optimizer  # noqa: E402
-from t2t_dist.loop import soft_target_cross_entropy  # noqa: E402
+from t2t_dist.checkpoint import SampleLedger  # noqa: E402
+from t2t_dist.engine import build_optimizer, engine_dtype  # noqa: E402
+from t2t_dist.loop import soft_target_cross_entropy, train_step  # noqa: E402
 from t2t_dist.models import count_macs, create_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -120,9 +122,9 @@ def synthetic(batch: int, img_size: int, num_classes: int, device: torch.device)
     return images, targets
 
 
-def model_rows(args, device: torch.device) -> tuple[dict[str, float], PlainStep | None]:
-    """Images/s of the plain step per model path; the compiled step of ours, kept for end to end."""
-    rows, kept = {}, None
+def model_rows(args, device: torch.device) -> dict[str, float]:
+    """Images/s of the plain step per model path."""
+    rows = {}
     batch = synthetic(args.batch, args.img_size, 1000, device)
     paths = [("ours (sdpa), uncompiled", "sdpa", False), ("attention=eager, uncompiled", "eager", False)]
     if args.compile:
@@ -132,10 +134,7 @@ def model_rows(args, device: torch.device) -> tuple[dict[str, float], PlainStep 
         step = PlainStep(create_model(args.model, img_size=args.img_size, attention=attention,
                                       drop_path_rate=0.1), device, compiled)
         rows[label] = args.batch / timed(lambda: step(*batch), args.steps, device)
-        if compiled or (kept is None and not args.compile):
-            kept = step
-        else:
-            del step
+        del step
         release()
     try:
         import timm
@@ -147,7 +146,7 @@ def model_rows(args, device: torch.device) -> tuple[dict[str, float], PlainStep 
             lambda: step(*batch), args.steps, device)
         del step
         release()
-    return rows, kept
+    return rows
 
 
 @contextlib.contextmanager
@@ -165,9 +164,22 @@ def one_rank_group(device: torch.device):
         torch_dist.destroy_process_group()
 
 
+def default_engine(args, device: torch.device, compiled: bool):
+    """``build_engine`` at the config's default ZeRO stage and precision, as a run builds it."""
+    from t2t_dist.engine import build_engine
+
+    config = load_config(overrides=[
+        f"model.name={args.model}", f"model.img_size={args.img_size}",
+        f"model.compile={str(compiled).lower()}", "model.drop_path_rate=0.1",
+        f"data.global_batch={args.batch}"])
+    torch.manual_seed(0)
+    return build_engine(create_model(args.model, img_size=args.img_size, drop_path_rate=0.1),
+                        config, world_size=1, device=device)
+
+
 def engine_rows(args, device: torch.device) -> dict[str, float]:
     """Seconds per step: the plain step and ``build_engine`` per ZeRO stage, bf16."""
-    from t2t_dist.engine import build_engine, engine_dtype, set_lr
+    from t2t_dist.engine import build_engine, set_lr
 
     images, targets = synthetic(args.batch, args.img_size, 1000, device)
     rows = {}
@@ -183,28 +195,27 @@ def engine_rows(args, device: torch.device) -> dict[str, float]:
                                                                      args.steps, device)
         del plain
         release()
-    with one_rank_group(device):
-        for stage, compiled in cases:
-            config = load_config(overrides=[
-                f"model.name={args.model}", f"model.img_size={args.img_size}",
-                f"model.compile={str(compiled).lower()}", "model.drop_path_rate=0.1",
-                f"data.global_batch={args.batch}", f"engine.zero_stage={stage}",
-                "engine.precision=bf16"])
-            torch.manual_seed(0)
-            engine = build_engine(create_model(args.model, img_size=args.img_size, drop_path_rate=0.1),
-                                  config, world_size=1, device=device)
-            inputs = images.to(engine_dtype(engine))
+    for stage, compiled in cases:
+        config = load_config(overrides=[
+            f"model.name={args.model}", f"model.img_size={args.img_size}",
+            f"model.compile={str(compiled).lower()}", "model.drop_path_rate=0.1",
+            f"data.global_batch={args.batch}", f"engine.zero_stage={stage}",
+            "engine.precision=bf16"])
+        torch.manual_seed(0)
+        engine = build_engine(create_model(args.model, img_size=args.img_size, drop_path_rate=0.1),
+                              config, world_size=1, device=device)
+        inputs = images.to(engine_dtype(engine))
 
-            def step():
-                set_lr(engine, 1e-3)
-                loss = soft_target_cross_entropy(engine(inputs).float(), targets)
-                engine.backward(loss)
-                engine.step()
+        def step():
+            set_lr(engine, 1e-3)
+            loss = soft_target_cross_entropy(engine(inputs).float(), targets)
+            engine.backward(loss)
+            engine.step()
 
-            label = f"engine ZeRO-{stage}{', compiled' if compiled else ''}"
-            rows[label] = timed(step, args.steps, device)
-            del engine, step
-            release()
+        label = f"engine ZeRO-{stage}{', compiled' if compiled else ''}"
+        rows[label] = timed(step, args.steps, device)
+        del engine, step
+        release()
     return rows
 
 
@@ -269,37 +280,46 @@ def main(argv=None) -> None:
     peak = next((value for key, value in PEAK_BF16.items() if key in name), None)
 
     print("\n| model alone (plain AMP step) | images/s | MFU |\n|---|---|---|")
-    models, compiled_step = model_rows(args, device)
+    models = model_rows(args, device)
     for label, rate in models.items():
         mfu = (f"{100 * rate * flops_per_image / peak:.1f}%" if peak and label.startswith("ours")
                else "")
         print(f"| {label} | {rate:,.0f} | {mfu} |", flush=True)
 
-    print("\n| engine step | ms/step | vs plain |\n|---|---|---|")
-    steps = engine_rows(args, device)
-    for label, seconds in steps.items():
-        plain = steps["plain step, compiled" if "compiled" in label else "plain step"]
-        print(f"| {label} | {seconds * 1e3:.1f} | {seconds / plain:.2f}x |", flush=True)
+    with one_rank_group(device):  # one for the whole run: DeepSpeed keeps its first group
+        print("\n| engine step | ms/step | vs plain |\n|---|---|---|")
+        steps = engine_rows(args, device)
+        for label, seconds in steps.items():
+            plain = steps["plain step, compiled" if "compiled" in label else "plain step"]
+            print(f"| {label} | {seconds * 1e3:.1f} | {seconds / plain:.2f}x |", flush=True)
 
-    print("\n| input | images/s |\n|---|---|")
-    print(f"| BatchAugment alone (default recipe) | {augment_rate(args, device):,.0f} |", flush=True)
-    augment = BatchAugment(DataConfig(), 1000).to(device)
+        print("\n| input | images/s |\n|---|---|")
+        print(f"| BatchAugment alone (default recipe) | {augment_rate(args, device):,.0f} |",
+              flush=True)
+        end_to_end = {}
+        with tempfile.TemporaryDirectory(prefix="t2t-gpu-node-") as root:
+            urls = make_shards(Path(root), args.images)
+            for decoder in args.decoders:
+                rate = loader_rate(args, urls, decoder, device)
+                print(f"| loader alone, {decoder} | {rate:,.0f} |",
+                      flush=True)
+            # What a run does per step: the engine at the default stage, the sample ledger,
+            # BatchAugment and train_step (loop.fit's step without its logging cadence).
+            engine = default_engine(args, device, args.compile)
+            augment = BatchAugment(DataConfig(), 1000).to(device)
+            ledger = SampleLedger()
 
-    def train_on(images, labels):
-        images, targets = augment(images.to(device, non_blocking=True),
-                                  labels.to(device, non_blocking=True))
-        compiled_step(images, targets)
+            def train_on(images, labels):
+                ledger.add(0, [(images, labels)])
+                train_step(engine, [(images, labels)], augment=augment, lr=1e-3, device=device,
+                           dtype=engine_dtype(engine))
 
-    end_to_end = {}
-    with tempfile.TemporaryDirectory(prefix="t2t-gpu-node-") as root:
-        urls = make_shards(Path(root), args.images)
-        for decoder in args.decoders:
-            print(f"| loader alone, {decoder} | {loader_rate(args, urls, decoder, device):,.0f} |",
-                  flush=True)
-        for decoder in args.decoders:
-            end_to_end[decoder] = loader_rate(args, urls, decoder, device, consume=train_on)
-            print(f"| end to end{', compiled' if args.compile else ''}, {decoder} | "
-                  f"{end_to_end[decoder]:,.0f} |", flush=True)
+            for decoder in args.decoders:
+                end_to_end[decoder] = loader_rate(args, urls, decoder, device, consume=train_on)
+                print(f"| end to end, engine ZeRO-{engine.zero_optimization_stage()}"
+                      f"{', compiled' if args.compile else ''}, {decoder} | "
+                      f"{end_to_end[decoder]:,.0f} |", flush=True)
+            del engine
 
     best = max(end_to_end.values())
     hours = RECIPE_EPOCHS * IMAGENET_TRAIN_IMAGES / best / 3600
