@@ -1,8 +1,8 @@
 """Ray Tune sweeps end to end: jobs/sweep.py as its own driver process on the session's Ray
 cluster, tiny models on the digits shards, one CPU worker per trial, MLflow on sqlite.
 
-The 4-trial sweep runs to the end with ASHA; the restore test kills the driver mid-sweep
-and runs the same command again.
+The README's scaled-down depth x width sweep runs to the end with ASHA; the restore test
+kills the driver mid-sweep and runs the same command again.
 """
 
 import csv
@@ -18,13 +18,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from t2t_dist.launch.report import CSV_NAME, PLOT_NAME, STATUS_TAG, SWEEP_TAG
+from t2t_dist.config import load_config
+from t2t_dist.launch.report import (BEST_CONFIG_NAME, CSV_NAME, PLOT_NAME, STATUS_TAG,
+                                    STOP_REASON_TAG, SWEEP_TAG)
 from t2t_dist.launch.sweep import REPORTED_METRICS
 from t2t_dist.tracking import RUN_NAME_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
-# Good learning rates first: they set each ASHA rung's bar before the hopeless ones (lr ~1e-6)
-# arrive there, so ASHA has something to stop.
+# The restore test's trials (one at a time, FIFO): learning rates that learn and that do not.
 TRIALS = [
     {"optim.lr": 4.0e-3, "model.depth": 2, "model.embed_dim": 32},
     {"optim.lr": 2.0e-3, "model.depth": 1, "model.embed_dim": 64},
@@ -64,10 +65,11 @@ def sweep_env(ray_cluster):
             "TUNE_GLOBAL_CHECKPOINT_S": "1", "DS_ACCELERATOR": "cpu"}
 
 
-def start_sweep(config_path, ray_cluster, log_path):
+def start_sweep(config_path, ray_cluster, log_path, overrides=()):
     log = open(log_path, "ab")
+    sets = [arg for item in overrides for arg in ("--set", item)]
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config",
-                             str(config_path)], cwd=ROOT, env=sweep_env(ray_cluster),
+                             str(config_path), *sets], cwd=ROOT, env=sweep_env(ray_cluster),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -87,83 +89,119 @@ def history_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+def at_epoch(client, run_id, epoch, key="val/top1"):
+    """A trial's ``key`` at the end of ``epoch`` (23 steps each)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}[23 * epoch]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_four_trial_asha_sweep_logs_parent_children_csv_and_plot(ray_cluster, digits_shards,
-                                                                   tmp_path):
-    # 8 epochs: on a quiet machine an epoch takes ~1.3 s, and a 3-epoch trial ended before
-    # ASHA's stop (decided on its first report) reached it.
-    config_path = sweep_yaml(tmp_path, digits_shards, "asha4", epochs=8)
+def test_readme_depth_width_sweep_learns_differs_by_width_and_asha_stops_the_worse(
+        ray_cluster, digits_shards, tmp_path):
+    """The README's scaled-down depth x width sweep, as a user runs it (its own storage and
+    MLflow here): the trials learn, differ visibly by width, and ASHA stops clearly worse
+    ones; MLflow then holds the parent, a child per trial, results.csv, best_config.yaml
+    and the plot, and ``t2t-dist sweep report`` reads them back."""
+    name = "depth-width-digits"
+    overrides = [f"data.train_urls={digits_shards['train']}",
+                 f"data.val_urls={digits_shards['val']}",
+                 f"run.storage_path={tmp_path / 'runs'}", "run.experiment=sweeps",
+                 f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     started = time.perf_counter()
-    process = start_sweep(config_path, ray_cluster, tmp_path / "sweep.log")
-    assert process.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-5000:]
+    process = start_sweep(ROOT / "jobs" / "configs" / "sweep_depth_width_digits.yaml",
+                          ray_cluster, tmp_path / "sweep.log", overrides)
+    assert process.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()[-5000:]
     output = (tmp_path / "sweep.log").read_text()
     print(f"sweep took {time.perf_counter() - started:.1f}s")
     print(output[output.rindex("trial "):] if "trial " in output else output[-3000:])
 
-    client, parent, kids = children(tmp_path, "asha4")
+    client, parent, kids = children(tmp_path, name)
     assert parent is not None and parent.info.status == "FINISHED"
-    assert parent.data.params["tune.metric"] == "val/top1"
     assert parent.data.params["tune.scheduler"] == "asha"
-    assert "tune.space.trial.grid" in parent.data.params
-    assert len(kids) == 4
-    by_lr = {}
+    assert len(kids) == 6
+    full = 8 * 23
+    top1, width_at_2, stopped = {}, {}, []
     for kid in kids:
         assert kid.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        params = kid.data.params  # the trial's full resolved config
+        params, status = kid.data.params, kid.data.tags[STATUS_TAG]
         assert params["model.name"] == "t2t_vit_tiny" and "data.global_batch" in params
-        by_lr[float(params["optim.lr"])] = kid
         assert kid.data.metrics["model/params"] > 0 and kid.data.metrics["model/gmacs"] > 0
-        assert history_steps(client, kid.info.run_id, "val/top1")
-        status = kid.data.tags[STATUS_TAG]
-        assert (status, kid.info.status) in {("completed", "FINISHED"),
-                                             ("early-stopped", "KILLED")}, status
-    assert sorted(by_lr) == sorted(t["optim.lr"] for t in TRIALS)
-    # The overrides reached the model: the same depth at twice the width has more params.
-    wide, narrow = by_lr[2.0e-6], by_lr[4.0e-3]  # depth 2: embed 64 vs 32
-    assert wide.data.params["model.embed_dim"] == "64"
-    assert wide.data.metrics["model/params"] > 2 * narrow.data.metrics["model/params"]
+        history = {m.step: m.value
+                   for m in client.get_metric_history(kid.info.run_id, "val/top1")}
+        top1[kid.info.run_id] = max(history.values())
+        # The compare page's metric: the best so far, logged first (NaN before any report).
+        assert kid.data.metrics["best/val/top1"] == pytest.approx(top1[kid.info.run_id])
+        width_at_2.setdefault(int(params["model.embed_dim"]), []).append(history[46])
+        steps = max(history_steps(client, kid.info.run_id, "train/loss") + list(history))
+        reason = kid.data.tags[STOP_REASON_TAG]
+        if status == "completed":
+            assert kid.info.status == "FINISHED" and steps == full and reason == "completed"
+        else:  # stopped after its rung's report: its steps are those it ran, not 0
+            assert (status, kid.info.status) == ("early-stopped", "KILLED"), status
+            assert reason.startswith("ASHA at epoch "), reason
+            epoch = int(reason.split()[3].rstrip(":"))
+            assert 23 * epoch <= steps < full and max(history) >= 23 * epoch
+            stopped.append((kid, epoch))
 
-    statuses = [k.data.tags[STATUS_TAG] for k in kids]
-    assert "early-stopped" in statuses and "completed" in statuses, statuses
-    full = max(max(history_steps(client, k.info.run_id, "train/loss")) for k in kids)
-    assert full == 8 * (1500 // 64)
-    for kid in kids:
-        steps = max(history_steps(client, kid.info.run_id, "train/loss"))
-        assert (steps < full) == (kid.data.tags[STATUS_TAG] == "early-stopped")
+    # 1. The trials learn: the best passes 90% (digits has 10 classes: chance is 10%).
+    best = max(top1.values())
+    assert best >= 90.0, top1
+    # 2. They differ visibly by the swept values: at epoch 2 (every trial's first rung) each
+    #    wider width is ahead of every narrower one, 64 wide by 20 points over 16 wide.
+    assert min(width_at_2[64]) > max(width_at_2[32]), width_at_2
+    assert min(width_at_2[32]) > max(width_at_2[16]), width_at_2
+    assert min(width_at_2[64]) - max(width_at_2[16]) >= 20.0, width_at_2
+    # 3. ASHA stops at least one clearly worse trial: 10 points behind the best trial at
+    #    the epoch it was stopped.
+    best_kid = max(kids, key=lambda k: top1[k.info.run_id])
+    behind = [at_epoch(client, best_kid.info.run_id, epoch)
+              - at_epoch(client, kid.info.run_id, epoch) for kid, epoch in stopped]
+    assert behind and max(behind) >= 10.0, behind
 
     # Every metric we promise Tune is in every report of every trial.
-    results = list((tmp_path / "runs" / "asha4").glob("*/result.json"))
-    assert len(results) == 4
+    results = list((tmp_path / "runs" / name).glob("*/result.json"))
+    assert len(results) == 6
     for result in results:
         for line in result.read_text().splitlines():
             report = json.loads(line)
             assert all(key in report for key in REPORTED_METRICS), sorted(report)
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {CSV_NAME, PLOT_NAME} <= artifacts
-    folder = client.download_artifacts(parent.info.run_id, "", str(tmp_path / "artifacts"))
-    with open(Path(folder) / CSV_NAME) as handle:
+    assert {CSV_NAME, PLOT_NAME, BEST_CONFIG_NAME} <= artifacts
+    folder = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path / "artifacts")))
+    with open(folder / CSV_NAME) as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 and {r["stop_reason"] for r in rows} == set(statuses)
-    assert {"optim.lr", "model.depth", "params", "gmacs", "best_val/top1", "steps"} <= set(rows[0])
-    png = (Path(folder) / PLOT_NAME).read_bytes()
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"completed", "early-stopped"}
+    assert {"model.depth", "model.embed_dim", "params", "gmacs", "best_val/top1", "steps",
+            "stop_reason"} <= set(rows[0])
+    png = (folder / PLOT_NAME).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     keep = os.environ.get("T2T_KEEP_SWEEP_PLOT")  # to look at the picture
     if keep:
         Path(keep).write_bytes(png)
+    trained = load_config(folder / BEST_CONFIG_NAME)
+    assert trained.run.name == f"{name}-best" and trained.tune.space == {}
+    assert trained.model.embed_dim == int(best_kid.data.params["model.embed_dim"])
+    assert trained.model.depth == int(best_kid.data.params["model.depth"])
 
-    # The report command reads the same table back from MLflow, best first.
-    report = subprocess.run([sys.executable, "-m", "t2t_dist.cli", "sweep", "report", "asha4",
+    # The report command reads the same table back from MLflow, best first, with the plot,
+    # the best trial's config and the command that trains it.
+    report = subprocess.run([sys.executable, "-m", "t2t_dist.cli", "sweep", "report", name,
                              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
     print(report)
     lines = report.splitlines()
-    assert lines[0].startswith("sweep asha4: 4 trials") and lines[-1].startswith("plot: ")
-    assert Path(lines[-1][len("plot: "):]).is_file()
-    best = [float(line.split()[-3]) for line in lines[3:-1]]
-    assert len(best) == 4 and best == sorted(best, reverse=True)
-    assert abs(best[0] - max(float(r["best_val/top1"]) for r in rows)) < 0.01
+    assert lines[0].startswith(f"sweep {name}: 6 trials")
+    plot, best_line, command = lines[-3:]
+    assert plot.startswith("plot: ") and Path(plot[len("plot: "):]).is_file()
+    assert best_line.startswith(f"best: {best_kid.info.run_name} (val/top1 {best:.2f})")
+    config_path = command.rsplit(" ", 1)[-1]
+    assert command == f"train it fully: python jobs/pretrain.py --config {config_path}"
+    assert load_config(config_path) == trained
+    table = [line.split() for line in lines[3:-3]]
+    assert len(table) == 6 and [float(cells[6]) for cells in table] == sorted(
+        (float(cells[6]) for cells in table), reverse=True)
+    assert abs(float(table[0][6]) - best) < 0.01
 
 
 @pytest.mark.ray

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from t2t_dist.config import Config, ConfigError, ModelConfig, load_config, save_config
-from t2t_dist.launch.report import Row, format_table, plot_sweep
 from t2t_dist.launch.sweep import check_sweep, model_cost, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +62,10 @@ def test_bad_tune_sections_fail_in_one_line(overrides, message):
      "divisor of every block width (33)"),
     (["tune.search=random", "tune.space.model.drop_path_rate={uniform: [0.0, 1.0]}"],
      "sweep trial {model.drop_path_rate=1.0} is invalid"),
+    (["tune.space.model.depth={grid: [2]}", "optim.epochs=3", "optim.warmup_epochs=1",
+      "optim.cooldown_epochs=0", "tune.grace_period=3"],
+     "tune.grace_period=3 is invalid with optim.epochs=3: expected fewer epochs than a trial "
+     "runs"),
 ])
 def test_sweeps_that_cannot_run_fail_before_ray(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -92,6 +95,10 @@ def test_job_rejects_bad_sweeps_in_one_line_without_ray(argv, digits_shards, cap
 def test_presets_check_full_and_scaled_down(path):
     full = load_config(path)
     assert check_sweep(full) >= 3 and full.tune.name
+    if path.stem.endswith("_digits"):  # the README's scaled-down sweeps: a CPU, digits
+        assert full.data.train_urls == "digits://train" and not full.scaling.use_gpu
+        assert full.tune.max_concurrent_trials == 2 and full.run.name == full.tune.name
+        return
     scaled = DIGITS_SCALED + ["tune.grace_period=1", "tune.num_samples=4"]
     if path.stem == "sweep_depth_width":
         scaled += ["model.name=t2t_vit_tiny", "tune.space.model.depth={grid: [1, 2]}",
@@ -121,15 +128,3 @@ def test_architecture_overrides_reach_the_model():
     assert deeper_params > params and deeper_gmacs > gmacs
     wide = trial_config(base, {"width": {"model.embed_dim": 64, "model.num_heads": 4}})
     assert model_cost(wide)[0] > 2 * params
-
-
-def test_table_ranks_best_first_and_plot_is_a_png(tmp_path):
-    rows = [Row(run_name=f"s-t_0000{i}", run_id=str(i), values={"model.name": name},
-                params=p, gmacs=g, best=b, steps=s, status=st)
-            for i, (name, p, g, b, s, st) in enumerate([
-                ("a", 1e6, 0.5, 40.0, 20, "early-stopped"), ("b", 2e6, 1.0, 70.0, 60, "completed"),
-                ("c", 3e6, 1.5, float("nan"), 0, "failed")])]
-    table = format_table(rows, ["model.name"], "val/top1").splitlines()
-    assert [line.split()[1] for line in table[2:]] == ["b", "a", "c"]
-    plot_sweep(rows, tmp_path / "p.png", title="t", metric="val/top1")
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -139,6 +139,16 @@ class TuneConfig:
                  for name, entry in _normalize(self.space).items()}
         object.__setattr__(self, "space", space)  # frozen: the normalized (dotted) form
 
+    def kinds(self) -> dict[str, str]:
+        """How each field the space sets is drawn: ``{"optim.lr": "loguniform", ...}``."""
+        kinds: dict[str, str] = {}
+        for field in self.fields():
+            for name, entry in self.space.items():
+                if name == field or is_group(entry) and any(
+                        field in value for value in next(iter(entry.values()))):
+                    kinds.setdefault(field, next(iter(entry)))
+        return kinds
+
     def fields(self) -> list[str]:
         """Every dotted config field the space sets (group members included), in order."""
         names: list[str] = []

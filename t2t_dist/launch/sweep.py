@@ -88,9 +88,19 @@ def check_sweep(config: Config) -> int:
                           f"sweep: expected 0 (one report per epoch end, the unit of "
                           f"tune.grace_period)")
     combos = checked_values(tune)
-    for values in combos:
-        trial_config(config, values)
+    epochs = min(trial_config(config, values).optim.epochs for values in combos)
+    if tune.scheduler == "asha" and tune.grace_period >= epochs:
+        raise ConfigError(f"tune.grace_period={tune.grace_period} is invalid with optim.epochs="
+                          f"{epochs}: expected fewer epochs than a trial runs (ASHA decides at "
+                          f"the end of epoch grace_period), or tune.scheduler=fifo")
     return len(combos)
+
+
+def min_epochs(config: Config) -> int:
+    """Epochs (reports) of the sweep's shortest trial."""
+    if "optim.epochs" not in config.tune.fields():
+        return config.optim.epochs
+    return min(trial_config(config, values).optim.epochs for values in checked_values(config.tune))
 
 
 def sweep_dir(config: Config) -> str:

@@ -27,8 +27,9 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from t2t_dist.config import Config, TuneConfig, from_dict, to_dict
 from t2t_dist.launch.driver import build_trainer, connect, run_tags
-from t2t_dist.launch.report import close_child, finish_parent, open_child, open_parent
-from t2t_dist.launch.sweep import sweep_dir, trial_run
+from t2t_dist.launch.report import (child_run_id, close_child, finish_parent, log_best,
+                                    open_child, open_parent)
+from t2t_dist.launch.sweep import min_epochs, sweep_dir, trial_config, trial_run
 
 
 def tune_space(tune: TuneConfig) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], experiment: str,
     sweep = from_dict(Config, base)
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_run(sweep, values, trial_id)
-    open_child(config, sweep=sweep.tune.name, experiment=experiment, parent_id=parent_id,
+    open_child(config, sweep=sweep, experiment=experiment, parent_id=parent_id,
                trial_id=trial_id, values=values)
     trainer = build_trainer(config, run_tags(config), callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -72,13 +73,74 @@ def release_placement_group(hex_id: str | None) -> None:
         pass
 
 
-class CloseTrialRuns(ray.tune.Callback):
-    """Runs in the driver process: closes each trial's child run with its status
-    (``report.close_child``) and frees the worker placement group of a trial Tune stopped
+class ExplainedASHA(ASHAScheduler):
+    """Ray's ASHA, noting why it stopped each trial: ``stops[trial_id]`` is (epoch, the
+    trial's value, the rung's bar), the bar being the ``1 - 1/reduction_factor`` quantile of
+    the values that trials reaching that rung before it had there."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stops: dict[str, tuple[int, float, float]] = {}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        bar = self._bar(trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and bar is not None:
+            self.stops[trial.trial_id] = (result[self._time_attr], result[self._metric], bar)
+        return action
+
+    def _bar(self, trial, result: dict) -> float | None:
+        """The cutoff this result is about to be compared with (Ray's own bookkeeping,
+        ``_Bracket.on_result`` step by step); None when no rung decides here."""
+        try:
+            bracket = self._trial_info[trial.trial_id]
+            now = result[self._time_attr]
+            for milestone, recorded in bracket._rungs:  # highest rung first
+                if now < milestone or trial.trial_id in recorded:
+                    if now >= milestone and not bracket._stop_last_trials:
+                        return None
+                    continue
+                cutoff = bracket.cutoff(recorded)
+                return None if cutoff is None else float(cutoff) * self._metric_op
+        except (AttributeError, KeyError, TypeError):  # Ray's internals moved: no reason
+            return None
+        return None
+
+
+def stop_reason(trial, *, metric: str, epochs: int, scheduler) -> str:
+    """How a trial Tune ended in words, from its last report and the scheduler's notes."""
+    result = trial.last_result or {}
+    epoch = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
+    if epoch >= epochs:
+        return "completed"
+    stop = getattr(scheduler, "stops", {}).get(trial.trial_id)
+    if stop is not None:
+        at, value, bar = stop
+        sign = "<" if getattr(scheduler, "_metric_op", 1.0) > 0 else ">"
+        return f"ASHA at epoch {at}: {metric} {value:.1f} {sign} {bar:.1f} (rung bar)"
+    return f"stopped by Tune after epoch {epoch} of {epochs}"
+
+
+class TrialRuns(ray.tune.Callback):
+    """Runs in the driver process and keeps each trial's child run current: the best metric
+    so far at every report (``report.log_best``), then its status and stop reason
+    (``report.close_child``); frees the worker placement group of a trial Tune stopped
     (upstream ray#54305)."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+    def __init__(self, config: Config, experiment: str, scheduler=None) -> None:
+        self.config, self.experiment, self.scheduler = config, experiment, scheduler
+        self.run_ids: dict[str, str] = {}  # trial id -> child run id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        tune = self.config.tune
+        summary = (trial.metric_analysis or {}).get(tune.metric, {})
+        run_id = self.run_ids.get(trial.trial_id) or child_run_id(
+            self.config.run.tracking_uri, self.experiment, trial.trial_id)
+        if run_id is None or tune.mode not in summary:
+            return
+        self.run_ids[trial.trial_id] = run_id
+        log_best(self.config.run.tracking_uri, run_id, tune.metric, summary[tune.mode],
+                 step=int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._close(trial, failed=False)
@@ -87,7 +149,14 @@ class CloseTrialRuns(ray.tune.Callback):
         self._close(trial, failed=True)
 
     def _close(self, trial, *, failed: bool) -> None:
-        if not close_child(self.tracking_uri, self.experiment, trial.trial_id, failed=failed):
+        if failed:
+            reason = f"failed (error.txt in {trial.path})"
+        else:
+            epochs = trial_config(self.config, trial.config).optim.epochs
+            reason = stop_reason(trial, metric=self.config.tune.metric, epochs=epochs,
+                                 scheduler=self.scheduler)
+        if not close_child(self.config.run.tracking_uri, self.experiment, trial.trial_id,
+                           failed=failed, reason=reason):
             release_placement_group((trial.last_result or {}).get("placement_group_id"))
 
 
@@ -109,6 +178,17 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
+def asha_scheduler(config: Config) -> ExplainedASHA:
+    """ASHA over epochs (one report each), rungs at grace_period x reduction_factor^k, none
+    at the last epoch: a trial stopped at its last report would lose its final save and
+    read as early-stopped (max_t below it, and reaching max_t stops nothing). Metric and
+    mode come from the TuneConfig."""
+    tune = config.tune
+    return ExplainedASHA(time_attr="training_iteration", grace_period=tune.grace_period,
+                         max_t=max(tune.grace_period, min_epochs(config) - 1),
+                         reduction_factor=tune.reduction_factor, stop_last_trials=False)
+
+
 def build_tuner(config: Config, experiment: str, parent_id: str) -> ray.tune.Tuner:
     """A new Tuner, or the one restored from the sweep's folder (same name: resume)."""
     tune = config.tune
@@ -126,11 +206,7 @@ def build_tuner(config: Config, experiment: str, parent_id: str) -> ray.tune.Tun
     else:  # a SearchGenerator: Tune ignores max_concurrent_trials for it, so it limits itself
         search = BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrent)
         searcher_limit = None
-    # max_t never stops a trial: one stopped at its last report would lose its final save.
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10**6,
-                              grace_period=tune.grace_period,
-                              reduction_factor=tune.reduction_factor) \
-        if tune.scheduler == "asha" else None
+    scheduler = asha_scheduler(config) if tune.scheduler == "asha" else None
     return ray.tune.Tuner(
         trainable, param_space=param_space,
         tune_config=ray.tune.TuneConfig(
@@ -140,7 +216,7 @@ def build_tuner(config: Config, experiment: str, parent_id: str) -> ray.tune.Tun
             trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(
             name=tune.name, storage_path=config.run.storage_path, verbose=1,
-            callbacks=[CloseTrialRuns(config.run.tracking_uri, experiment)],
+            callbacks=[TrialRuns(config, experiment, scheduler)],
             failure_config=ray.tune.FailureConfig(max_failures=tune.max_failures)))
 
 
