@@ -133,14 +133,18 @@ class TrialRuns(ray.tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tune = self.config.tune
-        summary = (trial.metric_analysis or {}).get(tune.metric, {})
+        if tune.metric not in result:
+            return
+        # Tune summarizes a result into trial.metric_analysis only after the callbacks ran.
+        earlier = (trial.metric_analysis or {}).get(tune.metric, {}).get(tune.mode)
+        pick = max if tune.mode == "max" else min
+        best = result[tune.metric] if earlier is None else pick(earlier, result[tune.metric])
         run_id = self.run_ids.get(trial.trial_id) or child_run_id(
             self.config.run.tracking_uri, self.experiment, trial.trial_id)
-        if run_id is None or tune.mode not in summary:
-            return
-        self.run_ids[trial.trial_id] = run_id
-        log_best(self.config.run.tracking_uri, run_id, tune.metric, summary[tune.mode],
-                 step=int(result.get("step", 0)))
+        if run_id is not None:
+            self.run_ids[trial.trial_id] = run_id
+            log_best(self.config.run.tracking_uri, run_id, tune.metric, best,
+                     step=int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._close(trial, failed=False)
