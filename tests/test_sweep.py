@@ -129,8 +129,11 @@ def test_readme_depth_width_sweep_learns_differs_by_width_and_asha_stops_the_wor
         history = {m.step: m.value
                    for m in client.get_metric_history(kid.info.run_id, "val/top1")}
         top1[kid.info.run_id] = max(history.values())
-        # The compare page's metric: the best so far, logged first (NaN before any report).
-        assert kid.data.metrics["best/val/top1"] == pytest.approx(top1[kid.info.run_id])
+        # The compare page's metric: the best so far, logged first (NaN before any report),
+        # at the end the best the worker logged (it may still log an epoch after the close).
+        assert kid.data.metrics["best/val/top1"] <= top1[kid.info.run_id] + 1e-9
+        if status == "completed":
+            assert kid.data.metrics["best/val/top1"] == pytest.approx(top1[kid.info.run_id])
         width_at_2.setdefault(int(params["model.embed_dim"]), []).append(history[46])
         steps = max(history_steps(client, kid.info.run_id, "train/loss") + list(history))
         reason = kid.data.tags[STOP_REASON_TAG]

@@ -258,15 +258,22 @@ def log_best(tracking_uri: str, run_id: str, metric: str, value: float, step: in
 
 
 def close_child(tracking_uri: str, experiment: str, trial_id: str, *, failed: bool,
-                reason: str = "") -> bool:
-    """Close a trial's child run with how the trial ended (``STATUS_TAG``) and why
-    (``STOP_REASON_TAG``: ``reason``, else the status); True when its worker had finished it
-    (the schedule's end), False when Tune stopped the trial early or it failed."""
+                reason: str = "", metric: str = "", mode: str = "max") -> bool:
+    """Close a trial's child run with how the trial ended (``STATUS_TAG``), why
+    (``STOP_REASON_TAG``: ``reason``, else the status) and its best ``metric`` as its worker
+    logged it (a stopped trial's worker may have finished an epoch more than Tune heard
+    of); True when its worker had finished it (the schedule's end), False when Tune stopped
+    the trial early or it failed."""
     client = mlflow_client(tracking_uri)
     child = find_run(client, experiment, TRIAL_ID_TAG, trial_id)
     finished = child is not None and child.info.status == "FINISHED" and not failed
     if child is None:
         return finished
+    history = client.get_metric_history(child.info.run_id, metric) if metric else []
+    if history:
+        best = (max if mode == "max" else min)(m.value for m in history)
+        client.log_metric(child.info.run_id, best_key(metric), best,
+                          step=max(m.step for m in history))
     if failed:
         status, word = "FAILED", "failed"
     else:  # the worker closes its run FINISHED at the end of the schedule

@@ -153,14 +153,15 @@ class TrialRuns(ray.tune.Callback):
         self._close(trial, failed=True)
 
     def _close(self, trial, *, failed: bool) -> None:
+        tune = self.config.tune
         if failed:
             reason = f"failed (error.txt in {trial.path})"
         else:
             epochs = trial_config(self.config, trial.config).optim.epochs
-            reason = stop_reason(trial, metric=self.config.tune.metric, epochs=epochs,
+            reason = stop_reason(trial, metric=tune.metric, epochs=epochs,
                                  scheduler=self.scheduler)
         if not close_child(self.config.run.tracking_uri, self.experiment, trial.trial_id,
-                           failed=failed, reason=reason):
+                           failed=failed, reason=reason, metric=tune.metric, mode=tune.mode):
             release_placement_group((trial.last_result or {}).get("placement_group_id"))
 
 
