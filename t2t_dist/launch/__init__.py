@@ -10,8 +10,8 @@ TorchTrainer, launch, summary), ``preflight``, ``stop`` (stopping early: stop re
 SIGTERM/SIGUSR1, stop records, ``TrainingStopped``/``RunPreempted``), ``build`` (config ->
 model, engine, loaders, EMA, checkpointer, tracker: shared by every worker entry),
 ``train_worker`` (the training worker's entry point), ``evaluation`` (the evaluation job),
-and for sweeps ``sweep`` (trial configs, checked before Ray), ``tune`` (Ray Tune) and
-``report`` (the sweep's MLflow runs and results).
+and for sweeps ``sweep`` (trial configs, checked before Ray), ``tune`` (Ray Tune),
+``report`` (the sweep's MLflow runs and results) and ``figure`` (its Figure-1 plot).
 """
 
 from t2t_dist.launch.driver import launch, prepare, summary

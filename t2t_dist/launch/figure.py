@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 SHORT = {"depth": "d", "embed_dim": "w", "num_heads": "h", "mlp_ratio": "mlp", "lr": "lr",
          "weight_decay": "wd", "drop_path_rate": "dp", "global_batch": "b", "epochs": "ep"}
+JOINED = {"d", "w", "h", "b"}  # written with their value: d2 w64 (others: lr 3e-3)
 LOG_SPAN = 10.0  # an axis whose values span this factor or more is drawn log-scale
 # 800 x 440 px: MLflow's artifact view (beside its assistant panel) shows it ~600 px wide,
 # where 10 pt text is still ~10 px.
@@ -75,7 +76,7 @@ def label(row, axes: list[str]) -> str:
         name = short_name(field)
         if field.endswith(".name"):
             parts.append(str(value))
-        elif len(name) <= 2 and name not in ("lr", "wd", "dp"):
+        elif name in JOINED:
             parts.append(f"{name}{short_value(value)}")
         else:
             parts.append(f"{name} {short_value(value)}")
