@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="results of Ray Tune sweeps (jobs/sweep.py)")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True)
     report = sweep_commands.add_parser("report", help="results table from MLflow, best first, "
-                                                      "and the plot's path")
+                                                      "the plot's and best config's paths and "
+                                                      "the command that trains the best trial")
     report.add_argument("name", help="the sweep's tune.name")
     report.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or "
                                                            "sqlite:///mlflow.db")
