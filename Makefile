@@ -41,9 +41,13 @@ demo: compiler $(STAMP)
 models: $(STAMP)
 	$(BIN)/t2t-dist models
 
-# The default run: everything that needs no GPU and no Slurm install, in well under 15 min on 2 cores.
+# The default run: everything that needs no GPU and no Slurm install. Two pytest processes
+# (pytest-xdist): the Ray tests spend much of their time waiting on Ray, the other process fills
+# it. Each process starts its own Ray cluster; a module with an expensive module-scoped fixture
+# stays in one process (xdist_group). TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= 2
 test: compiler $(STAMP) $(CHECKOV)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Mutation testing, not part of `make test`: mutmut breaks one spot at a time in optim, engine,
 # checkpoint, data/order and data/loader and runs the fast tests that reach it ([tool.mutmut] in
