@@ -17,6 +17,7 @@ import dataclasses
 import sys
 
 from t2t_dist.launch import prepare
+from t2t_dist.launch.console import quiet_libraries
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error
 from t2t_dist.launch.evaluation import (evaluation_config, format_evaluation, launch_evaluation,
                                         materialize_weights, preflight_evaluation)
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        quiet_libraries()  # unless --verbose
         config = prepare(evaluation_config(args.checkpoint, config_path=args.config,
                                            model=args.model, data=args.data,
                                            overrides=args.overrides))
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         config, weights = materialize_weights(config, args.checkpoint, new_head=False, ema=args.ema)
     except INPUT_ERRORS as error:
         return report_input_error("evaluate", error)
-    metrics = launch_evaluation(config, weights)
+    metrics = launch_evaluation(config, weights, ema=args.ema)
     print(format_evaluation(config, weights, metrics), flush=True)
     return 0
 

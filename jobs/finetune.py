@@ -21,7 +21,8 @@ from pathlib import Path
 from t2t_dist.config import ConfigError, load_config, run_dir
 from t2t_dist.data import manifest_pattern, write_shards
 from t2t_dist.launch import prepare, preflight
-from t2t_dist.launch.evaluation import materialize_weights
+from t2t_dist.launch.console import quiet_libraries
+from t2t_dist.launch.evaluation import materialize_weights, weights_tags
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error, train_to_end
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_digits.yaml"
@@ -55,6 +56,7 @@ def shards_from_folders(config, train_folder: str, val_folder: str):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        quiet_libraries()  # unless --verbose
         overrides = args.overrides + ([f"model.pretrained={args.pretrained}"] if args.pretrained
                                       else [])
         config = load_config(args.config or DEFAULT_CONFIG, model=args.model, overrides=overrides)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as error:
         return report_input_error("finetune", error)
     print(f"fine-tuning {config.model.name} from {weights.source}", flush=True)
-    return train_to_end("finetune", config)
+    return train_to_end("finetune", config, weights_tags(config, weights))
 
 
 if __name__ == "__main__":

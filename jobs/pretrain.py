@@ -15,6 +15,7 @@ from pathlib import Path
 
 from t2t_dist.config import load_config
 from t2t_dist.launch import prepare, preflight
+from t2t_dist.launch.console import quiet_libraries
 from t2t_dist.launch.job import INPUT_ERRORS, JobParser, report_input_error, train_to_end
 
 # The embedded default: the digits demo, so a laptop run needs no flags (any --model works).
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        quiet_libraries()  # unless --verbose
         config = prepare(load_config(args.config or DEFAULT_CONFIG, model=args.model,
                                      overrides=args.overrides))
         preflight(config)

@@ -17,15 +17,16 @@ rank into its own local folder and merged by Ray Train into one persistent direc
     checkpointer = Checkpointer(engine, {"loader": train_loader, "samples_seen": ledger,
                                          "ema": Replicated(ema)}, publish=publish)
     checkpointer.commit(step=step, epoch=epoch, metrics=metrics)   # save + hand to Ray Train
-    progress = checkpointer.restore(ray.train.get_checkpoint())     # None on a fresh start
+    progress = checkpointer.restore(ray.train.get_checkpoint(), run_checkpoints(...))  # None: fresh
 
-When a checkpoint counts as written: Ray Train V2 registers a reported checkpoint (and so
-can hand it back as the latest) only once every rank's ``report`` arrived, and a rank
-reports only after its upload finished (``report_handler.after_worker_group_poll_status``
-waits for all ranks). A partly uploaded checkpoint never becomes the latest. What can still
-go wrong afterwards (a truncated or deleted file in storage, a rank's part missing) is caught
-by ``missing_parts``: ``restore`` then warns in one line and falls back to the next older
-checkpoint of the run.
+When a checkpoint counts as written: when every rank's commit marker is there and every file
+a marker lists has its size (``missing_parts``), whether or not Ray Train registered it. Ray
+Train V2 registers a reported checkpoint only once its controller polled every rank's report
+(every 2 s); a driver that ends in between (Ctrl-C, a lost head node, a crash) leaves a
+complete checkpoint that Ray would never hand back, so ``restore`` looks at every checkpoint
+folder of the run (``run_checkpoints``), newest first, and takes the newest complete one. A
+torn one (an interrupted save, a truncated or deleted file, a rank's part missing) is passed
+over with one line naming it and why.
 
 Another number of workers: ZeRO shards are partitioned by world size, so ``load`` converts
 the checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and Adam moments)
@@ -41,10 +42,9 @@ import contextlib
 import io
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -93,17 +93,20 @@ def sample_fingerprints(images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 class SampleLedger:
-    """Training samples seen per epoch, summed over ranks: a count and an order-free fingerprint.
+    """Training samples seen per epoch, summed over ranks: a count and an order-free fingerprint;
+    and the samples the loaders skipped (corrupt, truncated, missing, unlabeled) per epoch.
 
     ``add`` counts this rank's batches; ``sync`` (a collective, called by every rank through
     ``state_dict`` at each save) folds every rank's new counts into the global totals, so the
     totals carry over to any number of workers. After a full epoch, ``count`` equals the
     epoch's samples and the fingerprint equals an uninterrupted run's: no sample repeated,
-    none skipped.
+    none skipped. ``note_skipped`` records an epoch's skips so far (already summed over ranks),
+    so ``skipped_total`` is the run's, across restarts.
     """
 
     def __init__(self) -> None:
         self.totals: dict[int, list[int]] = {}  # epoch -> [samples, fingerprint sum]
+        self.skipped: dict[int, int] = {}  # epoch -> samples skipped, every rank
         # This rank since the last sync: [samples, fingerprint sum], the sum a tensor on the
         # batches' device, so counting GPU-decoded batches never waits for the GPU.
         self._pending: dict[int, list] = {}
@@ -113,6 +116,13 @@ class SampleLedger:
         for images, labels in batches:
             pending[0] += int(labels.shape[0])
             pending[1] = (pending[1] + sample_fingerprints(images, labels).sum()) % FINGERPRINT_MODULUS
+
+    def note_skipped(self, epoch: int, count: int) -> None:
+        """The samples skipped in ``epoch`` so far, summed over ranks (the same on every rank)."""
+        self.skipped[epoch] = int(count)
+
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
 
     def sync(self) -> None:
         """Fold every rank's pending counts into the totals (every rank calls this)."""
@@ -137,10 +147,12 @@ class SampleLedger:
     def state_dict(self) -> dict[int, dict[str, int]]:
         """The totals over every rank, pending counts folded in first (a collective: ``sync``)."""
         self.sync()
-        return {epoch: {"samples": n, "fingerprint": f} for epoch, (n, f) in self.totals.items()}
+        return {epoch: {"samples": n, "fingerprint": f, "skipped": self.skipped.get(epoch, 0)}
+                for epoch, (n, f) in self.totals.items()}
 
     def load_state_dict(self, state: dict[int, dict[str, int]]) -> None:
         self.totals = {int(e): [v["samples"], v["fingerprint"]] for e, v in state.items()}
+        self.skipped = {int(e): int(v.get("skipped", 0)) for e, v in state.items()}
         self._pending.clear()
 
 
@@ -150,47 +162,99 @@ def written_files(directory: Path) -> dict[str, int]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def missing_parts(directory: str | Path) -> str:
+class _Files:
+    """Read access to a checkpoint folder: a local one, or a path on a pyarrow filesystem
+    (Ray Train's storage: local, NFS or S3), read in place without downloading the checkpoint."""
+
+    def __init__(self, directory: str | Path, filesystem=None) -> None:
+        self.directory, self.filesystem = directory, filesystem
+        self._sizes: dict[str, int] | None = None
+
+    def read(self, name: str) -> bytes:
+        if self.filesystem is None:
+            return (Path(self.directory) / name).read_bytes()
+        with self.filesystem.open_input_stream(f"{self.directory}/{name}") as stream:
+            return stream.read()
+
+    def sizes(self) -> dict[str, int]:
+        """Relative path -> size of every file (one listing)."""
+        if self._sizes is None:
+            if self.filesystem is None:
+                self._sizes = written_files(Path(self.directory))
+            else:
+                from pyarrow.fs import FileSelector, FileType  # Ray's dependency: its storage
+
+                root = str(self.directory).rstrip("/")
+                found = self.filesystem.get_file_info(FileSelector(root, recursive=True,
+                                                                   allow_not_found=True))
+                self._sizes = {info.path[len(root) + 1:]: info.size for info in found
+                               if info.type == FileType.File}
+        return self._sizes
+
+
+def missing_parts(directory: str | Path, filesystem=None) -> str:
     """Why ``directory`` is not a complete checkpoint ("" when it is): a rank's marker missing
-    or unreadable, or a file a rank wrote missing or of another size (truncated)."""
-    directory = Path(directory)
+    or unreadable, or a file a rank wrote missing or of another size (truncated).
+
+    ``filesystem``: a pyarrow filesystem ``directory`` is a path on (read in place: the
+    markers and one listing); None: a local folder.
+    """
+    files = _Files(directory, filesystem)
+
+    def marker(rank: int) -> dict[str, Any]:
+        name = client_path("", rank).as_posix()
+        return torch.load(io.BytesIO(files.read(name)), weights_only=False)
+
     try:
-        first = torch.load(client_path(directory, 0), weights_only=False)
+        first = marker(0)
     except Exception as error:  # missing, truncated or garbage: pickle raises many kinds
         return f"rank 0's part is missing or unreadable ({type(error).__name__})"
     for rank in range(first["world_size"]):
         try:
-            client = first if rank == 0 else torch.load(client_path(directory, rank),
-                                                         weights_only=False)
+            client = first if rank == 0 else marker(rank)
         except Exception as error:
             return f"rank {rank}'s part is missing or unreadable ({type(error).__name__})"
         for name, size in client.get("files", {}).items():
-            path = directory / name
-            if not path.is_file():
+            found = files.sizes().get(name)
+            if found is None:
                 return f"{name} (rank {rank}) is missing"
-            if path.stat().st_size != size:
-                return f"{name} (rank {rank}) has {path.stat().st_size} bytes, expected {size}"
+            if found != size:
+                return f"{name} (rank {rank}) has {found} bytes, expected {size}"
     return ""
 
 
-def older_checkpoints(checkpoint) -> Iterator:
-    """The checkpoints of the same run older than ``checkpoint``, newest first.
+def run_checkpoints(folder: str, filesystem, make: Callable[[str], Any]) -> list:
+    """Every ``checkpoint_step_*`` folder of a run, newest first, as ``make(path)``.
 
-    Ray Train keeps a run's checkpoints side by side (``storage_path/name/checkpoint_step_*``);
-    siblings are built with the checkpoint's own class and filesystem (local, NFS or S3).
+    ``folder`` is the run's folder on ``filesystem`` (a pyarrow filesystem: local, NFS or S3),
+    where Ray Train keeps its checkpoints side by side (``storage_path/name/checkpoint_step_*``).
+    What Ray Train registered is not consulted: a checkpoint every rank completed counts even
+    when the driver ended before the controller registered it.
     """
+    from pyarrow.fs import FileSelector, FileType  # Ray's dependency, not ours: its storage
+
+    folder = str(folder).rstrip("/")
+    found = filesystem.get_file_info(FileSelector(folder, allow_not_found=True))
+    names = sorted((info.base_name for info in found if info.type == FileType.Directory
+                    and info.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    return [make(f"{folder}/{name}") for name in names]
+
+
+def older_checkpoints(checkpoint) -> list:
+    """The checkpoints of the same run older than ``checkpoint`` (a Ray Train ``Checkpoint``:
+    ``path`` on ``filesystem``), newest first, built with the checkpoint's own class."""
     path, filesystem = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
     if path is None or filesystem is None:
-        return
-    from pyarrow.fs import FileSelector, FileType  # Ray's dependency, not ours: fallback only
-
+        return []
     parent, _, name = str(path).rstrip("/").rpartition("/")
-    found = filesystem.get_file_info(FileSelector(parent))
-    names = sorted((info.base_name for info in found if info.type == FileType.Directory
-                    and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < name),
-                   reverse=True)
-    for older in names:
-        yield type(checkpoint)(path=f"{parent}/{older}", filesystem=filesystem)
+    return [older for older in run_checkpoints(
+        parent, filesystem, lambda where: type(checkpoint)(path=where, filesystem=filesystem))
+        if older.path.rpartition("/")[2] < name]
+
+
+def checkpoint_name(checkpoint) -> str:
+    """``checkpoint_step_00000120`` for a checkpoint (anything with ``path``) or folder."""
+    return str(getattr(checkpoint, "path", checkpoint)).rstrip("/").rpartition("/")[2]
 
 
 def convert_to_universal(directory: Path, output: Path) -> None:
@@ -208,12 +272,6 @@ def convert_to_universal(directory: Path, output: Path) -> None:
                               inject_missing_state=True)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ds_to_universal.main(args)
-
-
-def _warn(line: str) -> None:
-    if dist.is_main():
-        sys.stderr.write(f"WARNING: {line}\n")
-        sys.stderr.flush()
 
 
 class Replicated:
@@ -266,32 +324,51 @@ class Checkpointer:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def restore(self, checkpoint) -> dict[str, Any] | None:
-        """Load from a Ray Train ``Checkpoint`` (anything with ``as_directory()``); None: fresh.
+    def restore(self, checkpoint, candidates: Sequence | None = None) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint of the run; returns its client state, None on a
+        fresh start (no checkpoint at all).
 
-        A torn or unreadable checkpoint is skipped with a one-line warning and the next older
-        one of the run is used; every rank decides the same (the verdict is all-reduced).
+        ``checkpoint`` is the one Ray Train registered last (a ``Checkpoint``: anything with
+        ``as_directory()``; None when none was). ``candidates`` are every checkpoint of the run
+        in storage, newest first (``run_checkpoints``); default: ``checkpoint`` and its older
+        siblings. A checkpoint every rank completed (its commit markers say so) counts even
+        when Ray Train never registered it: the driver may have ended (Ctrl-C, a lost head
+        node, a crash) between the workers' save and the controller's poll. One that is torn
+        or unreadable is passed over with a one-line warning naming it and why, and the next
+        older one is tried; every rank decides the same (the verdict is all-reduced).
         """
-        if checkpoint is None:
+        if candidates is None:
+            candidates = [checkpoint, *older_checkpoints(checkpoint)] if checkpoint else []
+        candidates = list(candidates) or ([checkpoint] if checkpoint is not None else [])
+        if not candidates:
             return None
+        registered = checkpoint_name(checkpoint) if checkpoint is not None else ""
         skipped = []
-        for candidate in [checkpoint, *older_checkpoints(checkpoint)]:
-            with candidate.as_directory() as directory:
-                problem = missing_parts(directory)
-                client = None
-                if not problem:
-                    try:
-                        client = self.load(directory)
-                    except Exception as error:  # a corrupt file of the right size
-                        problem = f"loading failed: {type(error).__name__}: {error}"
-                failed = torch.tensor([1 if problem else 0])
-                dist.all_reduce_sum(failed)
-                if not int(failed):
-                    return client
-                name = getattr(candidate, "path", str(directory))
-                _warn(f"skipping checkpoint {name}: {problem or 'another rank could not load it'}; "
-                      f"trying the previous one")
-                skipped.append(str(name))
+        for candidate in candidates:
+            name = str(getattr(candidate, "path", candidate))
+            filesystem = getattr(candidate, "filesystem", None)
+            # Checked in place first: a torn checkpoint in S3 is never downloaded.
+            problem = missing_parts(name, filesystem) if filesystem is not None else ""
+            client = None
+            if not problem:
+                with candidate.as_directory() as directory:
+                    problem = missing_parts(directory)
+                    if not problem:
+                        try:
+                            client = self.load(directory)
+                        except Exception as error:  # a corrupt file of the right size
+                            problem = f"loading failed: {type(error).__name__}: {error}"
+            failed = torch.tensor([1 if problem else 0])
+            dist.all_reduce_sum(failed)
+            if not int(failed):
+                if checkpoint_name(candidate) > registered:
+                    dist.say(f"resuming from {name}: every rank completed it, though Ray Train "
+                             f"had registered {registered or 'no checkpoint'} when the run "
+                             f"stopped (the driver ended first)")
+                return client
+            dist.say(f"skipping checkpoint {name}: {problem or 'another rank could not load it'}; "
+                     f"trying the previous one", warning=True)
+            skipped.append(name)
         raise RuntimeError(f"no usable checkpoint: {', '.join(skipped)} are all torn or "
                            f"unreadable; remove them to start the run over")
 
@@ -344,7 +421,7 @@ class Checkpointer:
             elif name in client:
                 part.load_state_dict(client[name])
             else:
-                _warn(f"checkpoint {directory} holds no {name!r} state: it starts fresh")
+                dist.say(f"checkpoint {directory} holds no {name!r} state: it starts fresh", warning=True)
         set_rng_state(client["rng"])  # last: loading must not shift the restored streams
         return {**client, "resumed_world_size": saved_world}
 

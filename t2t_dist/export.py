@@ -32,7 +32,7 @@ from t2t_dist.checkpoint import DEEPSPEED_TAG
 from t2t_dist.config import SAVED_CONFIG, ModelConfig, from_dict
 from t2t_dist.models import T2TViT, load_pretrained, resolve
 from t2t_dist.models.pretrained import PREFIXES, SUB_DICTS
-from t2t_dist.tracking import experiment_id, mlflow_client
+from t2t_dist.tracking import RUN_NAME_TAG, experiment_id, find_run, mlflow_client
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 FORMATS = ("pt", "safetensors")
@@ -174,6 +174,32 @@ def resolve_weights(source: str, *, storage_path: str = "", tracking_uri: str = 
     return Weights(checkpoint, source=source, kind="file")
 
 
+def source_model_id(weights: Weights, tracking_uri: str, *, ema: bool = False) -> str:
+    """The MLflow model ``weights`` came from, for lineage ("" when none is known): an MLflow
+    model URI's own model, or the final model (``model_ema`` with ``ema``) the run that wrote
+    one of our checkpoints logged in ``tracking_uri``."""
+    try:
+        if weights.kind == "mlflow":
+            import mlflow  # ~1 s: imported already to load the weights
+
+            mlflow.set_tracking_uri(tracking_uri)
+            return mlflow.models.get_model_info(weights.source).model_id or ""
+        if weights.kind != "checkpoint":
+            return ""
+        client = mlflow_client(tracking_uri)
+        run_name = Path(weights.source).parent.name  # <storage_path>/<run.name>/checkpoint_step_*
+        for experiment in client.search_experiments():
+            run = find_run(client, experiment.experiment_id, RUN_NAME_TAG, run_name)
+            outputs = run.outputs.model_outputs if run and run.outputs else []
+            for output in sorted(outputs, key=lambda each: each.step, reverse=True):
+                if (output.step == weights.step and client.get_logged_model(output.model_id).name
+                        == ("model_ema" if ema else "model")):
+                    return output.model_id
+    except Exception:  # MLflow unreachable, or the source unknown to it: no lineage link
+        return ""
+    return ""
+
+
 def check_variant(weights: Weights, model_name: str) -> None:
     """Our checkpoints know their variant: another ``model.name`` is refused by name."""
     saved = weights.model_config
@@ -239,6 +265,11 @@ def save_weights(state: Mapping[str, torch.Tensor], out: str | Path, fmt: str = 
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         save_file(dict(state), str(out), metadata=metadata or {})
+        # safetensors creates its files 0600 whatever the umask; torch.save follows it
+        # (0644 with umask 022): both as any new file of the user's is.
+        umask = os.umask(0)
+        os.umask(umask)
+        out.chmod(0o666 & ~umask)
     else:
         torch.save(dict(state), out)
     return out

@@ -9,7 +9,6 @@ methods); this module imports neither tracking nor launch (nor ray).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -30,7 +29,7 @@ class Tracker(Protocol):
     """What the workers call on a tracker (MLflow on rank 0, a no-op elsewhere)."""
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_model(self, model: nn.Module, name: str = "model") -> None: ...
+    def log_model(self, model: nn.Module, name: str = "model", **kwargs: Any) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -59,6 +58,15 @@ class TrainParts:
 def steps_per_epoch(train_loader, engine) -> int:
     """Optimizer steps per epoch: the rank's batches per epoch over the accumulation steps."""
     return len(train_loader) // engine.gradient_accumulation_steps()
+
+
+def planned_steps(config: Config, train_samples: int) -> int:
+    """The optimizer steps a run of ``config`` trains in all, from the training set's size
+    alone (no loader, no engine): ``optim.epochs`` of ``train_samples // data.global_batch``
+    steps (every step one full global batch, as the loaders give them), or ``run.max_steps``
+    when fewer. What ``fit`` trains; the driver asks it whether a run already ended."""
+    schedule = config.optim.epochs * (train_samples // config.data.global_batch)
+    return min(schedule, config.run.max_steps or schedule)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -168,14 +176,6 @@ def format_progress(step: int, total_steps: int, epoch: int, lr: float,
             f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
 
 
-def _say(line: str) -> None:
-    """Rank 0 prints. Written to stdout directly: Ray Train patches ``print`` to tee into its
-    logger as well, which shows every line twice on the driver."""
-    if dist.is_main():
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
 def check_finite(loss: float, step: int, precision: str) -> None:
     """Stop with the step named when the training loss is NaN or Inf (every rank sees it)."""
     if not math.isfinite(loss):
@@ -213,7 +213,8 @@ def next_micro_batches(batches: Iterator, count: int) -> list:
 
 def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = None,
         stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics.
+    """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics and
+    ``step``, the step it ended at.
 
     ``resume`` is the client state ``Checkpointer.restore`` returned (step, epoch).
     Checkpoints go through ``parts.checkpointer.commit`` (every rank, a barrier).
@@ -238,10 +239,10 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
             parts.ema_model.load_state_dict(parts.ema.shadow)
             result.update({f"val_ema/{k}": v for k, v in evaluate(
                 parts.ema_model, parts.val_loader, data=config.data, device=device).items()})
-        _say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        dist.say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    _say(f"training {config.model.name} for {total_steps} steps ({epoch_steps} per epoch) on "
+    dist.say(f"training {config.model.name} for {total_steps} steps ({epoch_steps} per epoch) on "
          f"{dist.world_size()} workers: micro batch {micro_batch} x accumulation {accum} x "
          f"workers {dist.world_size()} = global batch {config.data.global_batch}"
          + (f", resumed at step {step}" if resume else ""))
@@ -262,14 +263,24 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
             if parts.ema is not None:
                 with full_named_tensors(engine) as tensors:
                     parts.ema.update(tensors)
-            if step % run.log_every == 0 or step == total_steps:
-                metrics = meter.flush(step, total_steps, device) | {"train/lr": lr, "epoch": epoch}
-                check_finite(metrics["train/loss"], step, config.engine.precision)
-                metrics.update(skipped_counts(train_loader, device))
-                _say(format_progress(step, total_steps, epoch, lr, metrics))
-                tracker.log(metrics, step)
+            logging = step % run.log_every == 0 or step == total_steps
             # Epoch ends and the last step (run.max_steps may stop mid-epoch) always get both.
             boundary = step % epoch_steps == 0 or step == total_steps
+            if logging or boundary:  # a collective: every rank at the same steps
+                skipped = skipped_counts(train_loader, device)
+                parts.ledger.note_skipped(epoch, int(sum(skipped.values())))
+            if logging:
+                window = meter.flush(step, total_steps, device)
+                # Loss and LR first: the MLflow run lists its metrics in the order first logged.
+                metrics = {"train/loss": window.pop("train/loss"), "train/lr": lr,
+                           "epoch": epoch, **window}
+                check_finite(metrics["train/loss"], step, config.engine.precision)
+                # Skip counters only when a sample was skipped; the run's total at the end.
+                metrics.update({key: value for key, value in skipped.items() if value})
+                if step == total_steps:
+                    metrics["skipped_samples"] = parts.ledger.skipped_total()
+                dist.say(format_progress(step, total_steps, epoch, lr, metrics))
+                tracker.log(metrics, step)
             if boundary or (run.eval_every and step % run.eval_every == 0):
                 result = run_eval()
                 tracker.log(result, step)
@@ -281,7 +292,7 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
                 check_finite(loss.item(), step, config.engine.precision)  # never commit NaN weights
                 parts.checkpointer.commit(step=step, epoch=step // epoch_steps, metrics=metrics)
             if stopping:
-                _say(f"stop requested: checkpoint of step {step} committed, stopping")
+                dist.say(f"stop requested: checkpoint of step {step} committed, stopping")
                 raise StopRequested(step)
         del batches
-    return metrics
+    return {**metrics, "step": step}

@@ -3,10 +3,18 @@
 One MLflow run per training run name: submitting the same ``run.name`` again finds the
 run by its ``t2t_dist.run_name`` tag and continues it. Other ranks get a ``NullTracker``.
 
-    tracker = make_tracker(config, tags={"git_commit": "..."})   # rank 0: MlflowTracker
+    open_experiment(tracking_uri, "t2t-dist")                     # the driver, before Ray
+    tracker = make_tracker(config, tags=run_tags)                 # rank 0: MlflowTracker
     tracker.log({"train/loss": 2.3}, step=20)
-    tracker.log_model(model)                                      # consolidated fp32 weights
+    tracker.log_model(model, step=230, example=images, linked="val/")   # fp32 weights, once
     tracker.close("FINISHED")                                     # or "FAILED"
+
+What a run records: MLflow's own source tags (job script, git commit, branch, repository,
+user; given by the driver, where the checkout is), the resolved config as params (the
+architecture as built, its parameter count and GMACs; no section the job does not use), the
+training and validation shards as dataset inputs (digests and counts from their manifests),
+metrics by step, and each final model once, with a signature and an input example, linked
+to the validation metrics of its weights.
 """
 
 from __future__ import annotations
@@ -21,15 +29,28 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from t2t_dist import dist
 from t2t_dist.config import Config, ConfigError, flatten, run_dir, to_dict
+from t2t_dist.config.model import ARCHITECTURE_OVERRIDES
+from t2t_dist.data import describe_shards
+from t2t_dist.models import T2TViT, count_macs, count_params, resolve
 
 RUN_NAME_TAG = "t2t_dist.run_name"
+SOURCE_MODEL_TAG = "t2t_dist.source_model_id"  # the MLflow model a fine-tuning run started from
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a description
+EXPERIMENT_DESCRIPTION = (
+    "T2T-ViT runs of t2t-dist (Ray Train + DeepSpeed). One MLflow run per `run.name`: running "
+    "the same name again resumes its checkpoints and continues its run. Params: the resolved "
+    "config and the architecture as built (`model.params`, `model.gmacs`). Datasets: the "
+    "training and validation shards (digests from their manifests). Models: the final weights "
+    "(`model`, and `model_ema` with an EMA), linked to their validation metrics. Evaluation "
+    "runs are named `eval-<source>-<time>`.")
 
 
 def resolve_tracking_uri(configured: str, cwd: str | Path | None = None) -> str:
@@ -85,13 +106,36 @@ def check_credentials(tracking_uri: str) -> None:
                       f"(HTTP {response.status_code}): expected {need}")
 
 
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+def artifact_root(tracking_uri: str) -> str | None:
     """Artifacts of an sqlite store go beside the database (``mlartifacts/``), never to
-    ``./mlruns`` of whatever directory a worker runs in; a server decides for itself."""
+    ``./mlruns`` of whatever directory a process runs in; a server decides for itself."""
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return None
-    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts" / experiment).as_uri()
+    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts").as_uri()
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where an experiment's artifacts go: ``mlartifacts/<experiment>`` beside an sqlite store."""
+    root = artifact_root(tracking_uri)
+    return f"{root}/{experiment}" if root else None
+
+
+def init_store(tracking_uri: str) -> None:
+    """Create a missing sqlite store, its ``Default`` experiment's artifacts beside it.
+
+    MLflow creates a store on first use and points ``Default`` at ``./mlruns`` of the process
+    that got there first: a Ray worker's session folder when that is rank 0. The driver gets
+    there first, here.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or Path(tracking_uri[len(prefix):]).exists():
+        return
+    # mlflow (~1 s): the store class MLflow's own client builds for sqlite URIs.
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    Path(tracking_uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(tracking_uri, artifact_root(tracking_uri))
 
 
 def mlflow_client(tracking_uri: str):
@@ -103,13 +147,22 @@ def mlflow_client(tracking_uri: str):
 
 def experiment_id(tracking_uri: str, experiment: str) -> str:
     """The id of the experiment named ``experiment``, created when missing (its artifacts
-    beside an sqlite store: ``artifact_location``)."""
+    beside an sqlite store: ``artifact_location``; its description: what its runs hold)."""
     client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found:
+        if DESCRIPTION_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
         return found.experiment_id
     return client.create_experiment(experiment, artifact_location=artifact_location(
-        tracking_uri, experiment))
+        tracking_uri, experiment), tags={DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION})
+
+
+def open_experiment(tracking_uri: str, experiment: str) -> str:
+    """What the driver does before any worker: the store (``init_store``) and the experiment
+    (``experiment_id``); returns its id."""
+    init_store(tracking_uri)
+    return experiment_id(tracking_uri, experiment)
 
 
 def find_run(client, experiment_id: str, tag: str, value: str):
@@ -120,8 +173,48 @@ def find_run(client, experiment_id: str, tag: str, value: str):
 
 
 def config_params(config: Config) -> dict[str, str]:
-    """The resolved config as flat MLflow params (``optim.lr`` -> ``"0.0005"``)."""
-    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(to_dict(config)).items()}
+    """The resolved config as flat MLflow params (``optim.lr`` -> ``"0.0005"``), with the
+    architecture as built (the variant's depth, width, heads, tokenizer and block where the
+    config leaves its 0 / "" placeholders), its parameter count and GMACs per image at the
+    run's size; the ``tune`` section only for a sweep's trials (it holds a search space)."""
+    flat = flatten(to_dict(config))
+    if not config.tune.space:
+        flat = {key: value for key, value in flat.items() if not key.startswith("tune.")}
+    built = resolve(config.model)
+    for name in ARCHITECTURE_OVERRIDES:
+        flat[f"model.{name}"] = getattr(built, name)
+    with torch.device("meta"):  # counted without memory or arithmetic
+        model = T2TViT(built)
+    flat["model.params"] = count_params(model)[0]
+    flat["model.gmacs"] = round(count_macs(model, config.model.img_size) / 1e9, 4)
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flat.items()}
+
+
+def dataset_inputs(config: Config, *, training: bool = True) -> list[dict[str, Any]]:
+    """The run's shards as ``describe_shards`` gives them (from their manifests, no shard
+    read), each with its MLflow context: training and validation, or (``training=False``,
+    an evaluation run) the validation shards as "evaluation"."""
+    if not training:
+        return [{**describe_shards(config.data.val_urls), "context": "evaluation"}]
+    return [{**describe_shards(config.data.train_urls), "context": "training"},
+            {**describe_shards(config.data.val_urls), "context": "validation"}]
+
+
+def _dataset_input(description: dict[str, Any]):
+    """An MLflow dataset input for shards ``dataset_inputs`` describes: the pattern as its
+    source, the manifests' digest, the counts as its profile, the context as a tag."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    try:
+        source = resolve_dataset_source(description["source"])
+        source_type, source_json = source._get_source_type(), source.to_json()
+    except Exception:  # a scheme MLflow has no source type for: the pattern as it is
+        source_type, source_json = "external", json.dumps({"uri": description["source"]})
+    profile = {key: description[key] for key in ("num_samples", "num_classes", "num_shards")}
+    dataset = Dataset(name=description["name"], digest=description["digest"],
+                      source_type=source_type, source=source_json, profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", description["context"])])
 
 
 class NullTracker:
@@ -135,7 +228,7 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def log_model(self, model: nn.Module, name: str = "model") -> None:
+    def log_model(self, model: nn.Module, name: str = "model", **kwargs: Any) -> None:
         pass
 
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
@@ -152,7 +245,9 @@ FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TI
 
 
 def _warn(line: str) -> None:
-    sys.stderr.write(f"WARNING: {line}\n")
+    """One warning line for the user, marked as ours (``dist.CONSOLE_MARK``); the tracker runs
+    on rank 0 only, so it prints whatever its rank says."""
+    sys.stderr.write(f"{dist.CONSOLE_MARK}WARNING: {line}\n")
     sys.stderr.flush()
 
 
@@ -171,8 +266,8 @@ class MlflowTracker:
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str,
                  params: dict[str, str], tags: dict[str, Any] | None = None,
-                 system_metrics: bool = True, retry_every_s: float = 30.0,
-                 offline_path: str | Path | None = None) -> None:
+                 datasets: list[dict[str, Any]] = (), system_metrics: bool = True,
+                 retry_every_s: float = 30.0, offline_path: str | Path | None = None) -> None:
         import mlflow  # ~1 s: rank 0 only; the other ranks' NullTracker never needs it
 
         for name, value in FAST_FAIL_ENV.items():
@@ -180,6 +275,7 @@ class MlflowTracker:
         self._mlflow = mlflow
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self._params, self._system_metrics, self.retry_every_s = params, system_metrics, retry_every_s
+        self._datasets = list(datasets)  # dataset_inputs(config): logged once, on the new run
         self.offline_path = Path(offline_path) if offline_path else Path(
             tempfile.gettempdir()) / "t2t-dist-mlflow" / f"{run_name}-{os.getpid()}.jsonl"
         self.run_id: str | None = None
@@ -196,19 +292,25 @@ class MlflowTracker:
     # --- connection ---
 
     def _open(self) -> None:
-        """Find or create the experiment and the run (by name); log params; note the last
-        logged step of every metric."""
+        """Find or create the experiment and the run (by name); log params, and for a new run
+        its dataset inputs and the model it started from; note the last logged step of every
+        metric."""
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
         client = mlflow.MlflowClient(self.tracking_uri)
+        init_store(self.tracking_uri)  # the driver made it, unless it could not reach MLflow
         experiment = experiment_id(self.tracking_uri, self.experiment)
         existing = find_run(client, experiment, RUN_NAME_TAG, self.run_name)
         if self._system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         run_id = existing.info.run_id if existing else None
+        # A new run gets its tags at creation, so MLflow's own guesses (the source: Ray's
+        # default_worker.py) never show.
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
-                               experiment_id=experiment, log_system_metrics=self._system_metrics)
-        data = mlflow.get_run(run.info.run_id).data
+                               experiment_id=experiment, log_system_metrics=self._system_metrics,
+                               tags=None if run_id else dict(self._pending_tags))
+        found = mlflow.get_run(run.info.run_id)
+        data = found.data
         self._last_step = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
                            for key in data.metrics if not key.startswith("system/")}
         # MLflow params are immutable: a resubmission keeps the first values and records
@@ -219,6 +321,15 @@ class MlflowTracker:
                    if k in logged and logged[k] != v}
         if fresh:
             mlflow.log_params(fresh)
+        inputs = found.inputs
+        if self._datasets and not (inputs and inputs.dataset_inputs):
+            client.log_inputs(run.info.run_id,
+                              datasets=[_dataset_input(each) for each in self._datasets])
+        source_model = self._pending_tags.get(SOURCE_MODEL_TAG) or data.tags.get(SOURCE_MODEL_TAG)
+        if source_model and not (inputs and inputs.model_inputs):
+            from mlflow.entities import LoggedModelInput  # mlflow: imported in __init__ already
+
+            client.log_inputs(run.info.run_id, models=[LoggedModelInput(source_model)])
         self._pending_tags = {**self._pending_tags, **changed}
         self.run, self.run_id, self.resumed = run, run.info.run_id, run_id is not None
 
@@ -268,20 +379,41 @@ class MlflowTracker:
         self._pending_tags.update({k: str(v) for k, v in tags.items()})
         self.flush()
 
-    def log_model(self, model: nn.Module, name: str = "model") -> None:
-        """Log ``model`` (plain fp32 PyTorch, CPU) as an MLflow model named ``name``; with the
-        server unreachable, saved beside ``offline_path`` instead (the warning says where).
+    def log_model(self, model: nn.Module, name: str = "model", *, step: int = 0,
+                  example: np.ndarray | None = None, linked: str = "") -> None:
+        """Log ``model`` (plain fp32 PyTorch, CPU) as the MLflow model ``name`` of this run at
+        ``step``, once: a model of that name the run holds at that step already (a rerun that
+        trained no further) is not logged again. With the server unreachable, saved beside
+        ``offline_path`` instead (the warning says where).
 
-        Pickled, not ``pt2``: tracing needs an input example and gains nothing for weights
-        that are loaded back into ``t2t_dist.models``. Requirements are given, not inferred
-        (inference loads the model in a subprocess: seconds per call).
+        ``example``: a batch of model inputs (B, 3, H, W), logged as the input example, with a
+        signature inferred from it and the model's output. ``linked``: the prefix of the
+        metrics that measured these weights ("val/", "val_ema/"): the run's metrics of that
+        prefix at ``step`` are linked to the model, and to the validation dataset.
+
+        Pickled, not ``pt2``: tracing gains nothing for weights that are loaded back into
+        ``t2t_dist.models``. Requirements are given, not inferred (inference loads the model
+        in a subprocess: seconds per call).
         """
         torch_version = torch.__version__.split("+")[0]
         model = model.cpu().float().eval()
-        options = {"serialization_format": "pickle", "pip_requirements": [f"torch=={torch_version}"]}
+        options: dict[str, Any] = {"serialization_format": "pickle",
+                                   "pip_requirements": [f"torch=={torch_version}"]}
+        if example is not None:
+            from mlflow.models import infer_signature  # mlflow: imported in __init__ already
+
+            example = np.asarray(example, dtype=np.float32)
+            with torch.no_grad():
+                output = model(torch.from_numpy(example)).numpy()
+            options.update(signature=infer_signature(example, output), input_example=example)
         if self.flush():
             try:
-                self._mlflow.pytorch.log_model(model, name=name, **options)
+                if not self._holds_model(name, step):
+                    architecture = {k: v for k, v in self._params.items() if k.startswith("model.")}
+                    logged = self._mlflow.pytorch.log_model(model, name=name, step=step,
+                                                            params=architecture, **options)
+                    if linked:
+                        self._link_metrics(logged.model_id, linked, step)
                 return
             except Exception as error:
                 self._went_down(error)
@@ -289,6 +421,31 @@ class MlflowTracker:
         shutil.rmtree(path, ignore_errors=True)
         self._mlflow.pytorch.save_model(model, str(path), **options)
         _warn(f"MLflow at {self.tracking_uri} is unreachable: model {name!r} saved to {path}")
+
+    def _holds_model(self, name: str, step: int) -> bool:
+        """Whether this run logged a model named ``name`` at ``step``."""
+        client = self._mlflow.MlflowClient(self.tracking_uri)
+        outputs = client.get_run(self.run_id).outputs
+        return any(output.step == step and client.get_logged_model(output.model_id).name == name
+                   for output in (outputs.model_outputs if outputs else []))
+
+    def _link_metrics(self, model_id: str, prefix: str, step: int) -> None:
+        """Link the run's metrics starting with ``prefix`` at ``step`` to ``model_id`` (and to
+        the validation dataset): logged again with the model's id and their own timestamps,
+        which MLflow's store keeps once in the run's history and adds to the model's."""
+        from mlflow.entities import Metric  # mlflow: imported in __init__ already
+
+        client = self._mlflow.MlflowClient(self.tracking_uri)
+        validation = next((d for d in self._datasets if d["context"] != "training"), None)
+        found = []
+        for key in client.get_run(self.run_id).data.metrics:
+            if key.startswith(prefix):
+                found += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                                 dataset_name=validation and validation["name"],
+                                 dataset_digest=validation and validation["digest"])
+                          for m in client.get_metric_history(self.run_id, key) if m.step == step]
+        if found:
+            client.log_batch(self.run_id, metrics=found)
 
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """``payload`` as a JSON/YAML artifact (by the file's extension) of this run."""
@@ -323,8 +480,10 @@ class MlflowTracker:
               f"metric steps written to {self.offline_path}")
 
 
-def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTracker | NullTracker:
-    """An MLflow tracker on rank 0, a ``NullTracker`` elsewhere."""
+def make_tracker(config: Config, tags: dict[str, Any] | None = None, *,
+                 training: bool = True) -> MlflowTracker | NullTracker:
+    """An MLflow tracker on rank 0, a ``NullTracker`` elsewhere; ``training=False`` for an
+    evaluation run (its dataset: the validation shards)."""
     if not dist.is_main():
         return NullTracker()
     # Metrics a tracking server never got land beside the checkpoints (a local temp file
@@ -333,7 +492,9 @@ def make_tracker(config: Config, tags: dict[str, Any] | None = None) -> MlflowTr
     offline = Path(run_dir(config)) / "mlflow-offline.jsonl" if local else None
     tracker = MlflowTracker(tracking_uri=resolve_tracking_uri(config.run.tracking_uri),
                             experiment=config.run.experiment, run_name=config.run.name,
-                            params=config_params(config), tags=tags, offline_path=offline)
+                            params=config_params(config), tags=tags,
+                            datasets=dataset_inputs(config, training=training),
+                            offline_path=offline)
     # The resolved config beside the params: what `load_config` reads back, for s3 runs too.
     tracker.log_dict(to_dict(config), "config.yaml")
     return tracker

@@ -29,7 +29,12 @@ def test_precedence_file_then_model_then_set(tmp_path):
     (["engine.precision=fp8"], "engine.precision='fp8' is invalid: expected one of 'fp32', 'bf16', 'fp16'"),
     (["engine.presicion=bf16"], "unknown config key 'engine.presicion'"),
     (["data.global_batch=1000", "scaling.num_workers=8", "engine.micro_batch=64"],
-     "data.global_batch=1000 is invalid: expected a multiple of micro_batch(64) x workers(8)"),
+     "data.global_batch=1000 is invalid: expected a multiple of engine.micro_batch(64) x "
+     "workers(8) = 512: 512 or 1024"),
+    (["data.global_batch=63", "scaling.num_workers=2"],
+     "data.global_batch=63 is invalid: expected a multiple of the workers (2): 62 or 64"),
+    (["data.global_batch=1", "scaling.num_workers=2"],
+     "data.global_batch=1 is invalid: expected a multiple of the workers (2): 2"),
     (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 is invalid"),
     (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number"),
     (["scaling.num_workers=two"], "scaling.num_workers='two' is invalid: expected an integer"),

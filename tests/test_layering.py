@@ -56,8 +56,8 @@ def test_imports_flow_left(path):
 
 # Inside launch/, the same one-way flow: each room imports only rooms to its left. Checks and
 # stopping first, the worker side next, the driver, then what drives it (jobs' shared parts).
-LAUNCH_ROOMS = ["preflight", "stop", "sweep", "figure", "report", "build", "train_worker",
-                "driver", "evaluation", "tune", "job"]
+LAUNCH_ROOMS = ["console", "preflight", "stop", "sweep", "figure", "report", "build",
+                "train_worker", "driver", "evaluation", "tune", "job"]
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "launch").glob("*.py")), ids=lambda p: p.name)

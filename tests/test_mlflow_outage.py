@@ -80,7 +80,7 @@ def timed_log(tracker, step: int) -> float:
 
 
 def warnings(capfd) -> list[str]:
-    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("WARNING")]
+    return [line for line in capfd.readouterr().err.splitlines() if "WARNING: " in line]
 
 
 @pytest.mark.slow

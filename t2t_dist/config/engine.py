@@ -15,11 +15,16 @@ def batch_split(global_batch: int, world_size: int, micro_batch: int = 0) -> tup
     """``(micro_batch, grad_accum_steps)`` with ``micro * accum * world == global_batch``.
 
     ``micro_batch=0`` means one forward per step: ``global_batch / world_size`` per worker.
+    A global batch that does not split says which would: the nearest multiples either side.
     """
+    unit = (micro_batch or 1) * world_size  # what the global batch must be a multiple of
+    if global_batch % unit or global_batch < unit:
+        rule = (f"a multiple of engine.micro_batch({micro_batch}) x workers({world_size}) = {unit}"
+                if micro_batch else f"a multiple of the workers ({world_size})")
+        near = sorted({max(global_batch // unit, 1) * unit, (global_batch // unit + 1) * unit})
+        raise ConfigError(f"data.global_batch={global_batch} is invalid: expected {rule}: "
+                          f"{' or '.join(map(str, near))}")
     micro = micro_batch or global_batch // world_size
-    if micro <= 0 or global_batch % (micro * world_size):
-        raise ConfigError(f"data.global_batch={global_batch} is invalid: expected a multiple of "
-                          f"micro_batch({micro}) x workers({world_size})")
     return micro, global_batch // (micro * world_size)
 
 

@@ -18,8 +18,9 @@ class RunConfig:
     log_every: int = 20  # steps
     eval_every: int = 0  # steps; 0 = at each epoch end only
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
-    # Steps between checks for a stop request (SIGTERM/SIGUSR1 to the job's driver): the
-    # workers then commit a checkpoint of that step and the job exits, ready to resume.
+    # Steps between checks for a stop request (Ctrl-C, SIGTERM or SIGUSR1 to the job's
+    # driver): the workers then commit a checkpoint of that step and the job exits, ready to
+    # resume.
     stop_check_every: int = 10
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts Ray Train may make

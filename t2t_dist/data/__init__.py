@@ -26,8 +26,8 @@ _EXPORTS = {
     "is_demo_url": "demo", "resolve_demo_urls": "demo",
     "SKIP_KINDS": "loader", "DataError": "loader", "ShardLoader": "loader",
     "build_train_loader": "loader", "build_val_loader": "loader",
-    "ShardTable": "manifest", "check_shards_exist": "manifest", "load_shard_table": "manifest",
-    "manifest_pattern": "manifest",
+    "ShardTable": "manifest", "check_shards_exist": "manifest", "describe_shards": "manifest",
+    "load_shard_table": "manifest", "manifest_pattern": "manifest",
     "expand_urls": "urls", "map_local_parts": "urls", "split_patterns": "urls",
     "bad_files_url": "writer", "write_shards": "writer",
 }

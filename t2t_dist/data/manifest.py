@@ -13,7 +13,9 @@ so readers know every size without a scan and fetch any run of samples with one 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,3 +128,20 @@ def check_shards_exist(pattern: str) -> ShardTable:
                                     f"expected every shard of {pattern!r} to exist")
     return table
 
+
+
+def describe_shards(pattern: str) -> dict[str, Any]:
+    """What a run records about the shards ``pattern`` names (its MLflow dataset inputs),
+    from their manifests alone: ``name`` (the shards' prefix), ``source`` (the pattern),
+    ``digest`` (a hash of every shard's name and sample offsets and of the classes: the same
+    shards give the same digest wherever they are stored), ``num_samples``, ``num_classes``,
+    ``num_shards``."""
+    table = load_shard_table(pattern)
+    digest = hashlib.sha256(json.dumps(list(table.classes)).encode())
+    for url, offsets in zip(table.urls, table.offsets):
+        digest.update(url.rpartition("/")[2].encode())
+        digest.update(offsets.astype("<i8").tobytes())
+    first = table.urls[0].rpartition("/")[2] if table.urls else pattern
+    return {"name": re.sub(r"-\d+\.tar$", "", first), "source": pattern,
+            "digest": digest.hexdigest()[:16], "num_samples": table.num_samples,
+            "num_classes": len(table.classes), "num_shards": len(table.urls)}

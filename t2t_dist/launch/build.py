@@ -2,7 +2,7 @@
 checkpointer, tracker. One builder, shared by the training, evaluation and sweep workers.
 
     parts = build_parts(config, tags=payload["tags"])      # inside a Ray Train worker
-    resume = parts.checkpointer.restore(ray.train.get_checkpoint())
+    resume = parts.checkpointer.restore(ray.train.get_checkpoint(), stored_checkpoints())
     fit(config, parts, resume=resume)
 """
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger
+from t2t_dist.checkpoint import (CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger,
+                                 run_checkpoints)
 from t2t_dist.config import Config, batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine, compute_dtypes
@@ -49,6 +50,16 @@ def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
         metrics = {**metrics, "placement_group_id": group.id.hex()}
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+
+
+def stored_checkpoints() -> list[ray.train.Checkpoint]:
+    """Every checkpoint folder of this run in Ray Train's storage, newest first, whether or not
+    the controller registered it (``Checkpointer.restore`` takes the newest complete one)."""
+    # get_storage is Ray Train's DeveloperAPI: the filesystem and folder it writes checkpoints to.
+    storage = ray.train.get_context().get_storage()
+    filesystem = storage.storage_filesystem
+    return run_checkpoints(storage.experiment_fs_path, filesystem,
+                           lambda path: ray.train.Checkpoint(path, filesystem=filesystem))
 
 
 def build_parts(config: Config, *, tags: dict[str, str]) -> TrainParts:
@@ -110,4 +121,4 @@ def build_eval_parts(config: Config, *, tags: dict[str, str]) -> EvalParts:
     if config.model.compile:
         model = torch.compile(model)
     return EvalParts(device=device, model=model, dtype=dtype, autocast=autocast,
-                     val_loader=val_loader, tracker=make_tracker(config, tags=tags))
+                     val_loader=val_loader, tracker=make_tracker(config, tags=tags, training=False))

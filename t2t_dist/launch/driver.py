@@ -1,7 +1,9 @@
 """Driver side: resolve the run's paths, connect to Ray (or start one), build the TorchTrainer, fit.
 
     config = prepare(load_config(...))     # absolute paths, tracking URI; nothing started yet
+    line = finished_already(config)        # the run trained to its end before: say so, no Ray
     result = launch(config)                # Ray Train V2 TorchTrainer.fit()
+    print(summary(config, result))         # the closing lines
 
 Runs the same under ``python jobs/pretrain.py`` (a local Ray when no cluster is there) and
 under ``ray job submit`` (``RAY_ADDRESS`` points at the cluster).
@@ -10,20 +12,25 @@ under ``ray job submit`` (``RAY_ADDRESS`` points at the cluster).
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
+import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from t2t_dist.config import SAVED_CONFIG, Config, run_dir, run_name, to_dict
-from t2t_dist.data import is_demo_url, map_local_parts, resolve_demo_urls
+from t2t_dist.data import is_demo_url, load_shard_table, map_local_parts, resolve_demo_urls
+from t2t_dist.launch.console import is_verbose, open_console
 from t2t_dist.launch.preflight import check_model, is_remote
-from t2t_dist.launch.stop import raise_if_stopped, stop_on_signals
+from t2t_dist.launch.stop import beside_signals, raise_if_stopped, read_finish, stop_on_signals
+from t2t_dist.loop import planned_steps
 from t2t_dist.storage import Store, open_store
-from t2t_dist.tracking import resolve_tracking_uri
+from t2t_dist.tracking import RUN_NAME_TAG, find_run, mlflow_client, open_experiment, resolve_tracking_uri
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
 WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu"}
@@ -74,30 +81,58 @@ def submission_id() -> str:
     return str(job_config.get("metadata", {}).get("job_submission_id", ""))
 
 
-def run_tags(config: Config) -> dict[str, str]:
-    """MLflow tags known to the driver: git commit, Ray job id, checkpoint location."""
+def _git(*args: str) -> str:
+    """``git ARGS`` in this package's checkout; "" when there is none (an installed package,
+    a ``ray job submit --working-dir`` copy) or git is missing."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return ""
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags, known here, where the job was started and the checkout is:
+    the job script (relative to the checkout), its git commit, branch and repository, the
+    user. The worker that creates the MLflow run would report Ray's ``default_worker.py``."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    top = _git("rev-parse", "--show-toplevel")
+    name = str(script) if script else "unknown"
+    if script and top and script.is_relative_to(top):
+        name = str(script.relative_to(top))
+    tags = {"mlflow.source.name": name,
+            "mlflow.source.type": "JOB" if submission_id() else "LOCAL",
+            "mlflow.user": getpass.getuser(),
+            "mlflow.source.git.commit": _git("rev-parse", "HEAD"),
+            "mlflow.source.git.branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+            "mlflow.source.git.repoURL": _git("config", "--get", "remote.origin.url")}
+    return {key: value for key, value in tags.items() if value}
+
+
+def run_tags(config: Config) -> dict[str, str]:
+    """MLflow tags known to the driver: the source (``source_tags``), the Ray job, the
+    checkpoint location, the model."""
     import ray  # Ray (~1 s with Ray Train) loads once the job starts: bad input fails first
 
     context = ray.get_runtime_context()
-    return {"git_commit": commit or "unknown",
+    return {**source_tags(),
             "ray_job_id": context.get_job_id(),
             "ray_submission_id": submission_id() or "none",
             "checkpoint_location": run_dir(config),
             "model": config.model.name}
 
 
-def connect(config: Config) -> None:
-    """Connect to the cluster (``RAY_ADDRESS`` / ``scaling.ray_address``) or start a local Ray."""
+def connect(config: Config) -> bool:
+    """Connect to the cluster (``RAY_ADDRESS`` / ``scaling.ray_address``) or start a local Ray;
+    True when this call did (False: this process was connected already)."""
     import ray  # see run_tags
 
     if ray.is_initialized():
-        return
-    ray.init(address=config.scaling.ray_address or None, logging_level="WARNING")
+        return False
+    # Unless --verbose, Ray's driver-side warnings (token auth, ...) stay out of the console.
+    ray.init(address=config.scaling.ray_address or None,
+             logging_level=logging.WARNING if is_verbose() else logging.ERROR)
+    return True
 
 
 def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callbacks=(),
@@ -142,30 +177,105 @@ def save_resolved_config(config: Config, folder: Store) -> str:
     return folder.url(SAVED_CONFIG)
 
 
-def launch(config: Config):
-    """Connect, build the trainer and train; returns Ray Train's ``Result``.
+def finished_already(config: Config) -> str:
+    """One line when this run trained to the end its config plans (its ``finished.json`` and
+    that checkpoint are there), "" otherwise: then nothing is started, no model logged again.
+    Read from the run's folder and the training shards' manifests, before Ray."""
+    done = read_finish(open_store(run_dir(config)))
+    if not done:
+        return ""
+    planned = planned_steps(config, load_shard_table(config.data.train_urls).num_samples)
+    if done["step"] < planned:
+        return ""  # more to train: optim.epochs or run.max_steps were raised
+    numbers = ", ".join(f"{key} {value:.2f}" for key, value in done["metrics"].items()
+                        if key in ("val/top1", "val_ema/top1"))
+    return (f"{config.run.name} finished already at step {done['step']}"
+            f"{f' ({numbers})' if numbers else ''}, checkpoint {run_dir(config)}/"
+            f"{done['checkpoint']}: nothing to train; raise optim.epochs or run.max_steps to "
+            f"train on, or --set run.name=NEW for a new run")
+
+
+def open_tracking(config: Config) -> str | None:
+    """The MLflow store and experiment, made by the driver (``tracking.open_experiment``):
+    their id, or None with a one-line warning when MLflow is unreachable (the workers'
+    tracker then buffers and retries)."""
+    try:
+        return open_experiment(config.run.tracking_uri, config.run.experiment)
+    except Exception as error:  # connection refused, timeouts, 5xx: the workers retry
+        print(f"WARNING: MLflow at {config.run.tracking_uri} is unreachable ({type(error).__name__}): "
+              f"training goes on, the metrics are buffered", file=sys.stderr, flush=True)
+        return None
+
+
+def launch(config: Config, tags: dict[str, str] | None = None):
+    """Connect, build the trainer and train; returns Ray Train's ``Result``. ``tags``: more
+    MLflow tags for the run (a fine-tuning run's source weights).
 
     Raises ``TrainingStopped`` when the workers ended the run early (see ``train_worker``),
-    ``RunPreempted`` when they stopped after a checkpoint because the driver got SIGTERM or
-    SIGUSR1 (``stop.stop_on_signals``).
+    ``RunPreempted`` when they stopped after a checkpoint because the driver got Ctrl-C,
+    SIGTERM or SIGUSR1 (``stop.stop_on_signals``). The workers' output reaches the console
+    through ``console.open_console``; a Ray this call started is shut down before it returns,
+    so nothing of Ray's comes after the closing lines.
     """
-    connect(config)
-    folder = open_store(run_dir(config))  # the saved config and the stop files
-    save_resolved_config(config, folder)
-    trainer = build_trainer(config, run_tags(config))
-    with stop_on_signals(folder, check_every=config.run.stop_check_every) as received:
-        result = trainer.fit()
-    raise_if_stopped(folder, result, received, run_name=config.run.name)
-    return result
+    open_tracking(config)
+    started = connect(config)
+    try:
+        folder = open_store(run_dir(config))  # the saved config and the stop files
+        save_resolved_config(config, folder)
+        trainer = build_trainer(config, {**run_tags(config), **(tags or {})})
+        with (open_console(),
+              stop_on_signals(folder, check_every=config.run.stop_check_every) as received):
+            result = beside_signals(trainer.fit)
+        raise_if_stopped(folder, result, received, run_name=config.run.name)
+        return result
+    finally:
+        if started:
+            import ray  # see run_tags
+
+            ray.shutdown()
+
+
+def mlflow_command(tracking_uri: str) -> str:
+    """A command that opens the MLflow UI on ``tracking_uri`` as printed, from this directory:
+    the ``mlflow`` beside this Python (a virtualenv's, active or not), paths relative to here
+    when inside."""
+    here = Path.cwd()
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+
+    beside = Path(sys.executable).parent / "mlflow"
+    command = shown(beside) if beside.is_file() else f"{shown(Path(sys.executable))} -m mlflow"
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        tracking_uri = prefix + shown(Path(tracking_uri[len(prefix):]))
+    return f"{command} ui --backend-store-uri {tracking_uri}"
+
+
+def run_address(config: Config) -> str:
+    """Where the run's MLflow page is: ``#/experiments/E/runs/R`` on the UI, "" if unknown."""
+    try:
+        client = mlflow_client(config.run.tracking_uri)
+        experiment = client.get_experiment_by_name(config.run.experiment)
+        run = experiment and find_run(client, experiment.experiment_id, RUN_NAME_TAG,
+                                      config.run.name)
+    except Exception:  # MLflow unreachable: the closing lines do without the link
+        return ""
+    return f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" if run else ""
 
 
 def summary(config: Config, result: Any) -> str:
-    """The closing lines: the last validation numbers and how to open MLflow."""
+    """The closing lines: the last validation numbers, the checkpoint, how to open the run in
+    MLflow (a command that runs as printed, then the run's page)."""
     metrics = result.metrics or {}
     parts = [f"{key} {metrics[key]:.2f}" for key in ("val/top1", "val/top5", "val_ema/top1")
              if key in metrics]
-    uri = config.run.tracking_uri
+    uri, page = config.run.tracking_uri, run_address(config)
+    if uri.startswith(("http://", "https://")):
+        mlflow = f"open {uri.rstrip('/')}/{page}" if page else f"open {uri}"
+    else:
+        mlflow = (f"{mlflow_command(uri)}   then open http://127.0.0.1:5000/{page}")
     return (f"finished {config.run.name}: step {metrics.get('step', '?')}, "
             f"{', '.join(parts) or 'no validation metrics'}\n"
             f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}\n"
-            f"MLflow: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+            f"MLflow: {mlflow}")

@@ -25,13 +25,16 @@ import ray.train
 import torch
 
 from t2t_dist import dist
+from t2t_dist.checkpoint import CHECKPOINT_PREFIX
 from t2t_dist.config import SAVED_CONFIG, Config, ConfigError, from_dict, load_config, run_dir
-from t2t_dist.export import Weights, find_checkpoint, is_mlflow_uri, load_weights, resolve_weights
+from t2t_dist.export import (Weights, find_checkpoint, is_mlflow_uri, load_weights,
+                             resolve_weights, source_model_id)
 from t2t_dist.launch.build import build_eval_parts, build_model
-from t2t_dist.launch.driver import build_trainer, connect, run_tags
+from t2t_dist.launch.console import open_console
+from t2t_dist.launch.driver import build_trainer, connect, open_tracking, run_tags
 from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
 from t2t_dist.loop import evaluate
-from t2t_dist.tracking import check_credentials
+from t2t_dist.tracking import SOURCE_MODEL_TAG, check_credentials
 
 WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
 
@@ -54,7 +57,8 @@ def evaluation_config(checkpoint: str, *, config_path: str | None = None, model:
     of our runs (same model, eval batch, crop and precision), else ``config_path`` or the
     defaults; then ``--model``, ``--data`` (validation shards) and ``--set`` on top.
 
-    The MLflow run is ``eval-<source>-<time>`` unless ``--set run.name=...`` names it.
+    The MLflow run is ``eval-<source>-<time>`` unless ``--set run.name=...`` names it: the
+    source is the run (and ``step<N>`` for one of its checkpoints) or the file's name.
     """
     first = load_config(config_path, overrides=overrides)
     saved = None if config_path else saved_run_config(checkpoint, first.run.storage_path)
@@ -66,12 +70,22 @@ def evaluation_config(checkpoint: str, *, config_path: str | None = None, model:
     extra = [f"data.val_urls={data}"] if data else []
     config = load_config(saved or config_path, model=model, overrides=[*extra, *overrides])
     if not any(item.strip().startswith("run.name=") for item in overrides):
-        label = Path(checkpoint.rstrip("/")).name.replace("@", "-").replace(":", "") or "model"
-        if saved is not None:
-            label = f"{saved.parent.name}-{label}"
         config = dataclasses.replace(config, run=dataclasses.replace(
-            config.run, name=f"eval-{label}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            config.run, name=f"eval-{source_label(checkpoint, saved)}-"
+                             f"{time.strftime('%Y%m%d-%H%M%S')}"))
     return config
+
+
+def source_label(checkpoint: str, saved: Path | None) -> str:
+    """What an evaluation run's name says it evaluated: ``<run>`` for a run,
+    ``<run>-step230`` for one of its checkpoints, else the file's (or model URI's) name."""
+    label = Path(checkpoint.rstrip("/")).name.replace("@", "-").replace(":", "") or "model"
+    if saved is None:
+        return label
+    run = saved.parent.name
+    if label.startswith(CHECKPOINT_PREFIX):
+        return f"{run}-step{int(label[len(CHECKPOINT_PREFIX):])}"
+    return run
 
 
 def materialize_weights(config: Config, source: str, *, new_head: bool,
@@ -141,13 +155,26 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
         parts.tracker.close(status)
 
 
-def launch_evaluation(config: Config, weights: Weights) -> dict[str, float]:
+def weights_tags(config: Config, weights: Weights, *, ema: bool = False) -> dict[str, str]:
+    """MLflow tags naming the weights a run starts from (fine-tuning) or evaluates: the source
+    as resolved, its kind and step, and the MLflow model it is, for lineage, when known."""
+    tags = {"source": weights.source, "source_kind": weights.kind,
+            "source_step": "" if weights.step is None else str(weights.step)}
+    model_id = source_model_id(weights, config.run.tracking_uri, ema=ema)
+    return {**tags, SOURCE_MODEL_TAG: model_id} if model_id else tags
+
+
+def launch_evaluation(config: Config, weights: Weights, *, ema: bool = False) -> dict[str, float]:
     """Evaluate on ``scaling.num_workers`` Ray workers; returns ``eval/{loss,top1,top5}``."""
-    connect(config)
-    tags = {**run_tags(config), "source": weights.source, "source_kind": weights.kind,
-            "source_step": "" if weights.step is None else str(weights.step),
-            "job": "evaluate"}
-    result = build_trainer(config, tags, worker=evaluate_worker).fit()
+    open_tracking(config)
+    started = connect(config)
+    try:
+        tags = {**run_tags(config), **weights_tags(config, weights, ema=ema), "job": "evaluate"}
+        with open_console():
+            result = build_trainer(config, tags, worker=evaluate_worker).fit()
+    finally:
+        if started:
+            ray.shutdown()
     return dict(result.metrics or {})
 
 
