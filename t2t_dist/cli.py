@@ -1,4 +1,5 @@
-"""The ``t2t-dist`` command: model table and shard tools. Training runs through ``jobs/``.
+"""The ``t2t-dist`` command: the model table, shards, weight export, sweep reports
+(``DESCRIPTION``, what ``--help`` shows). Training runs through ``jobs/``.
 
 Each command imports what it runs when it runs (torch, webdataset, MLflow: a second or more
 each), so ``t2t-dist --help`` and a mistyped command answer at once.
@@ -17,6 +18,10 @@ from tqdm import tqdm
 from t2t_dist.config import ConfigError, ModelConfig
 
 PROGRESS_EVERY_S = 30.0  # shards write/check: seconds between progress lines in logs
+DESCRIPTION = ("t2t-dist tools: the table of model variants, writing and checking WebDataset "
+               "shards, exporting a run's weights (and registering them in MLflow), and the "
+               "results of sweeps. Training, fine-tuning, evaluation and sweeps run through the "
+               "scripts in jobs/ (python jobs/pretrain.py --help).")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -152,7 +157,7 @@ def _add_progress_every(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t2t-dist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="t2t-dist", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     models = commands.add_parser("models", help="table of model variants: params, GMACs, paper")

@@ -143,7 +143,10 @@ class Meter:
         self.images += images
 
     def flush(self, step: int, total_steps: int, device: torch.device) -> dict[str, float]:
-        """Window means over ranks: loss, images/s per worker and in total, ETA (s)."""
+        """Window means over ranks: loss, images/s per worker and in total, ETA (s).
+
+        Throughput and ETA go without a ``train/`` prefix: the MLflow UI shows metrics in
+        sections by prefix, in order, the unprefixed last, so ``train/`` holds loss and LR."""
         elapsed = time.perf_counter() - self.window_started
         sums = torch.tensor([float(self.loss_sum), float(self.steps), self.images / elapsed],
                             dtype=torch.float64, device=device)
@@ -153,8 +156,8 @@ class Meter:
         per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
         self.loss_sum, self.steps, self.images = 0.0, 0, 0
         self.window_started = time.perf_counter()
-        return {"train/loss": loss_sum / max(steps, 1), "train/images_per_s": images_per_s,
-                "train/images_per_s_per_worker": images_per_s / world,
+        return {"train/loss": loss_sum / max(steps, 1), "images_per_s": images_per_s,
+                "images_per_s_per_worker": images_per_s / world,
                 "eta_s": per_step * (total_steps - step)}
 
 
@@ -171,8 +174,8 @@ def format_progress(step: int, total_steps: int, epoch: int, lr: float,
     """One compact progress line, e.g. ``step 120/3100 ep 2 loss 1.234 lr 1.2e-04 ...``."""
     eta = int(metrics.get("eta_s", 0))
     return (f"step {step}/{total_steps} | epoch {epoch} | loss {metrics['train/loss']:.4f} | "
-            f"lr {lr:.2e} | {metrics['train/images_per_s']:.0f} img/s "
-            f"({metrics['train/images_per_s_per_worker']:.0f}/worker) | "
+            f"lr {lr:.2e} | {metrics['images_per_s']:.0f} img/s "
+            f"({metrics['images_per_s_per_worker']:.0f}/worker) | "
             f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
 
 

@@ -6,15 +6,16 @@ run by its ``t2t_dist.run_name`` tag and continues it. Other ranks get a ``NullT
     open_experiment(tracking_uri, "t2t-dist")                     # the driver, before Ray
     tracker = make_tracker(config, tags=run_tags)                 # rank 0: MlflowTracker
     tracker.log({"train/loss": 2.3}, step=20)
-    tracker.log_model(model, step=230, example=images, linked="val/")   # fp32 weights, once
+    tracker.log_model(model, step=230, example=images)            # fp32 weights, once
     tracker.close("FINISHED")                                     # or "FAILED"
 
 What a run records: MLflow's own source tags (job script, git commit, branch, repository,
 user; given by the driver, where the checkout is), the resolved config as params (the
 architecture as built, its parameter count and GMACs; no section the job does not use), the
 training and validation shards as dataset inputs (digests and counts from their manifests),
-metrics by step, and each final model once, with a signature and an input example, linked
-to the validation metrics of its weights.
+metrics by step, and each final model once, with a signature and an input example, at the
+step it was trained to: MLflow links a model to the run's metrics of its step, so the final
+validation numbers are the model's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +209,9 @@ def _dataset_input(description: dict[str, Any]):
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     try:
-        source = resolve_dataset_source(description["source"])
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(description["source"])
         source_type, source_json = source._get_source_type(), source.to_json()
     except Exception:  # a scheme MLflow has no source type for: the pattern as it is
         source_type, source_json = "external", json.dumps({"uri": description["source"]})
@@ -380,16 +384,16 @@ class MlflowTracker:
         self.flush()
 
     def log_model(self, model: nn.Module, name: str = "model", *, step: int = 0,
-                  example: np.ndarray | None = None, linked: str = "") -> None:
+                  example: np.ndarray | None = None) -> None:
         """Log ``model`` (plain fp32 PyTorch, CPU) as the MLflow model ``name`` of this run at
         ``step``, once: a model of that name the run holds at that step already (a rerun that
-        trained no further) is not logged again. With the server unreachable, saved beside
-        ``offline_path`` instead (the warning says where).
+        trained no further) is not logged again. MLflow links it to the run's metrics of
+        ``step`` (the final validation numbers, with their dataset). With the server
+        unreachable, saved beside ``offline_path`` instead (the warning says where).
 
         ``example``: a batch of model inputs (B, 3, H, W), logged as the input example, with a
-        signature inferred from it and the model's output. ``linked``: the prefix of the
-        metrics that measured these weights ("val/", "val_ema/"): the run's metrics of that
-        prefix at ``step`` are linked to the model, and to the validation dataset.
+        signature inferred from it and the model's output. The model's params: the run's
+        ``model.*`` params (the architecture as built).
 
         Pickled, not ``pt2``: tracing gains nothing for weights that are loaded back into
         ``t2t_dist.models``. Requirements are given, not inferred (inference loads the model
@@ -410,10 +414,8 @@ class MlflowTracker:
             try:
                 if not self._holds_model(name, step):
                     architecture = {k: v for k, v in self._params.items() if k.startswith("model.")}
-                    logged = self._mlflow.pytorch.log_model(model, name=name, step=step,
-                                                            params=architecture, **options)
-                    if linked:
-                        self._link_metrics(logged.model_id, linked, step)
+                    self._mlflow.pytorch.log_model(model, name=name, step=step,
+                                                   params=architecture, **options)
                 return
             except Exception as error:
                 self._went_down(error)
@@ -428,24 +430,6 @@ class MlflowTracker:
         outputs = client.get_run(self.run_id).outputs
         return any(output.step == step and client.get_logged_model(output.model_id).name == name
                    for output in (outputs.model_outputs if outputs else []))
-
-    def _link_metrics(self, model_id: str, prefix: str, step: int) -> None:
-        """Link the run's metrics starting with ``prefix`` at ``step`` to ``model_id`` (and to
-        the validation dataset): logged again with the model's id and their own timestamps,
-        which MLflow's store keeps once in the run's history and adds to the model's."""
-        from mlflow.entities import Metric  # mlflow: imported in __init__ already
-
-        client = self._mlflow.MlflowClient(self.tracking_uri)
-        validation = next((d for d in self._datasets if d["context"] != "training"), None)
-        found = []
-        for key in client.get_run(self.run_id).data.metrics:
-            if key.startswith(prefix):
-                found += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
-                                 dataset_name=validation and validation["name"],
-                                 dataset_digest=validation and validation["digest"])
-                          for m in client.get_metric_history(self.run_id, key) if m.step == step]
-        if found:
-            client.log_batch(self.run_id, metrics=found)
 
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """``payload`` as a JSON/YAML artifact (by the file's extension) of this run."""

@@ -2,6 +2,8 @@
 out, pt or safetensors; bad input in one line. ZeRO checkpoints of a real 2-worker run and the
 MLflow registry: test_evaluate_finetune_export.py."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,6 +33,9 @@ def test_export_a_released_file_to_the_released_layout(released, tmp_path, fmt, 
     cli.main(["export", str(path), str(out), "--model", "t2t_vit_tiny", "--img-size", "32",
               "--num-classes", "10", "--ema"])
     assert f"to {out}" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file (safetensors: 0600)
     state = load_file(str(out)) if fmt == "safetensors" else torch.load(out, weights_only=True)
     model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
     if fmt == "pt":  # released key order, no prefixes (safetensors stores keys sorted)

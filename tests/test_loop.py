@@ -12,7 +12,7 @@ from t2t_dist.checkpoint import Checkpointer, SampleLedger
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
-from t2t_dist.loop import StopRequested, TrainParts, fit, steps_per_epoch
+from t2t_dist.loop import StopRequested, TrainParts, fit, planned_steps, steps_per_epoch
 from t2t_dist.models import create_model
 from t2t_dist.optim import LRSchedule
 
@@ -26,7 +26,7 @@ class RecordingTracker:
     def log(self, metrics, step):
         self.logged.append((step, dict(metrics)))
 
-    def log_model(self, model, name="model"):
+    def log_model(self, model, name="model", **kwargs):
         raise AssertionError("fit never logs models")
 
     def close(self, status="FINISHED"):
@@ -105,6 +105,14 @@ def test_cadence_and_max_steps_stop_mid_epoch(process_group, digits_shards):
     assert by_step[6]["val/top1"] == dict(tracker.logged)[6]["val/top1"]
     assert final["train/lr"] == pytest.approx(parts.schedule(7))
     assert parts.train_loader.state_dict()["epoch"] == 1  # stopped inside the second epoch
+    assert final["step"] == 8 == planned_steps(config, train_samples=400)  # what the driver says
+    # The MLflow run's first metric keys: loss and LR; skip counters only when a sample was
+    # skipped (none here), their run total once, at the last step.
+    first = dict(tracker.logged)[3]
+    assert list(first)[:2] == ["train/loss", "train/lr"]
+    assert not [key for _, m in tracker.logged for key in m if key.startswith("data/skipped")]
+    assert [step for step, m in tracker.logged if "skipped_samples" in m] == [8]
+    assert final["skipped_samples"] == 0
 
 
 @pytest.mark.slow

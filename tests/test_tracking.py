@@ -1,5 +1,7 @@
 """MLflow tracker on a real sqlite store: params once, metrics by step, tags, resume, model."""
 
+import json
+
 import mlflow
 import pytest
 import torch
@@ -7,8 +9,11 @@ from mlflow.tracking import MlflowClient
 
 from t2t_dist import dist
 from t2t_dist.config import Config, load_config
+from t2t_dist.data import describe_shards
+from t2t_dist.models import create_model, resolve
 from t2t_dist.tracking import (RUN_NAME_TAG, MlflowTracker, NullTracker, config_params,
-                               make_tracker, resolve_tracking_uri)
+                               dataset_inputs, make_tracker, open_experiment,
+                               resolve_tracking_uri)
 
 
 @pytest.fixture
@@ -90,3 +95,59 @@ def test_other_ranks_get_a_null_tracker(monkeypatch, tracking_uri):
     tracker.log({"x": 1.0}, step=1)
     tracker.close()
     assert MlflowClient(tracking_uri).search_experiments(filter_string="name = 't2t-dist'") == []
+
+
+def test_a_run_explains_itself(tmp_path, digits_shards):
+    """What the MLflow UI shows: source tags set at creation, the shards as dataset inputs
+    (once), the architecture as built, no sweep params, each model once with a signature and
+    linked to the metrics of its step; the experiment's description; ``Default``'s artifacts
+    beside the store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = open_experiment(uri, "explained")
+    client = MlflowClient(uri)
+    assert client.get_experiment("0").artifact_location == f"file://{tmp_path}/mlartifacts/0"
+    assert "One MLflow run per `run.name`" in client.get_experiment(experiment).tags[
+        "mlflow.note.content"]
+    config = load_config(overrides=[
+        f"data.train_urls={digits_shards['train']}", f"data.val_urls={digits_shards['val']}",
+        "model.name=t2t_vit_tiny", "model.img_size=32", "model.num_classes=10",
+        "run.name=explained"])
+    source = {"mlflow.source.name": "jobs/pretrain.py", "mlflow.source.git.commit": "abc123"}
+
+    def tracker():
+        return MlflowTracker(tracking_uri=uri, experiment="explained", run_name="explained",
+                             params=config_params(config), tags=source,
+                             datasets=dataset_inputs(config), system_metrics=False)
+
+    first = tracker()
+    first.log({"train/loss": 2.0, "train/lr": 1e-3}, step=2)
+    first.log({"val/top1": 50.0, "val/loss": 1.5}, step=2)
+    model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    example = torch.zeros(2, 3, 32, 32).numpy()
+    first.log_model(model, name="model", step=2, example=example)
+    first.close()
+    again = tracker()  # a rerun of the finished run: nothing logged twice
+    again.log_model(model, name="model", step=2, example=example)
+    again.close()
+
+    run = client.get_run(first.run_id)
+    assert run.data.tags["mlflow.source.name"] == "jobs/pretrain.py"  # not pytest's, at creation
+    assert run.data.tags["mlflow.source.git.commit"] == "abc123"
+    built = resolve(config.model)
+    params = run.data.params
+    assert (params["model.depth"], params["model.embed_dim"], params["model.tokens"]) == (
+        str(built.depth), str(built.embed_dim), built.tokens)
+    assert int(params["model.params"]) > 0 and float(params["model.gmacs"]) > 0
+    assert not [key for key in params if key.startswith("tune.")]
+    inputs = run.inputs.dataset_inputs
+    assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [
+        ("digits-train", "training"), ("digits-val", "validation")]
+    assert inputs[0].dataset.digest == describe_shards(digits_shards["train"])["digest"]
+    assert json.loads(inputs[1].dataset.profile)["num_samples"] == 299
+    [output] = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, output.step) == ("model", 2)
+    assert {m.key for m in logged.metrics} >= {"val/top1", "val/loss"}
+    info = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+    assert info.saved_input_example_info["type"] == "ndarray"

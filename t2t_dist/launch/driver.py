@@ -30,7 +30,8 @@ from t2t_dist.launch.preflight import check_model, is_remote
 from t2t_dist.launch.stop import beside_signals, raise_if_stopped, read_finish, stop_on_signals
 from t2t_dist.loop import planned_steps
 from t2t_dist.storage import Store, open_store
-from t2t_dist.tracking import RUN_NAME_TAG, find_run, mlflow_client, open_experiment, resolve_tracking_uri
+from t2t_dist.tracking import (DESCRIPTION_TAG, RUN_NAME_TAG, find_run, mlflow_client,
+                               open_experiment, resolve_tracking_uri)
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
 WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu"}
@@ -109,13 +110,23 @@ def source_tags() -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
+def run_description(config: Config) -> str:
+    """What the MLflow UI shows as the run's description (Markdown)."""
+    scaling = config.scaling
+    return (f"**{config.model.name}** at {config.model.img_size} px, "
+            f"{config.model.num_classes} classes, on {scaling.num_workers} "
+            f"{'GPU' if scaling.use_gpu else 'CPU'} workers (global batch "
+            f"{config.data.global_batch}). Checkpoints in `{run_dir(config)}`; the same command "
+            f"again resumes from the newest complete one.")
+
+
 def run_tags(config: Config) -> dict[str, str]:
-    """MLflow tags known to the driver: the source (``source_tags``), the Ray job, the
-    checkpoint location, the model."""
+    """MLflow tags known to the driver: the source (``source_tags``), a description, the Ray
+    job, the checkpoint location, the model."""
     import ray  # Ray (~1 s with Ray Train) loads once the job starts: bad input fails first
 
     context = ray.get_runtime_context()
-    return {**source_tags(),
+    return {**source_tags(), DESCRIPTION_TAG: run_description(config),
             "ray_job_id": context.get_job_id(),
             "ray_submission_id": submission_id() or "none",
             "checkpoint_location": run_dir(config),

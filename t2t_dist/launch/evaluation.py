@@ -34,7 +34,7 @@ from t2t_dist.launch.console import open_console
 from t2t_dist.launch.driver import build_trainer, connect, open_tracking, run_tags
 from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
 from t2t_dist.loop import evaluate
-from t2t_dist.tracking import SOURCE_MODEL_TAG, check_credentials
+from t2t_dist.tracking import DESCRIPTION_TAG, SOURCE_MODEL_TAG, check_credentials
 
 WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
 
@@ -169,7 +169,11 @@ def launch_evaluation(config: Config, weights: Weights, *, ema: bool = False) ->
     open_tracking(config)
     started = connect(config)
     try:
-        tags = {**run_tags(config), **weights_tags(config, weights, ema=ema), "job": "evaluate"}
+        tags = {**run_tags(config), **weights_tags(config, weights, ema=ema), "job": "evaluate",
+                DESCRIPTION_TAG: f"Evaluation of `{weights.source}` ({config.model.name}"
+                                 f"{', EMA' if ema else ''}) on `{config.data.val_urls}`, "
+                                 f"{config.scaling.num_workers} workers, "
+                                 f"{config.engine.precision}."}
         with open_console():
             result = build_trainer(config, tags, worker=evaluate_worker).fit()
     finally:

@@ -32,19 +32,18 @@ def input_example(config: Config, parts: TrainParts) -> np.ndarray:
 
 
 def log_final_models(config: Config, parts: TrainParts, step: int) -> None:
-    """Consolidated fp32 weights (and the EMA's) as MLflow models of ``step``, each linked to
-    the validation metrics of its weights; a collective on every rank."""
+    """Consolidated fp32 weights (and the EMA's) as MLflow models of ``step`` (MLflow links
+    them to that step's validation metrics); a collective on every rank."""
     weights = consolidated_fp32_state_dict(parts.engine)
     if not dist.is_main():
         return
     example = input_example(config, parts)
     export = build_model(config, pretrained=False)
     export.load_state_dict(weights)
-    parts.tracker.log_model(export, name="model", step=step, example=example, linked="val/")
+    parts.tracker.log_model(export, name="model", step=step, example=example)
     if parts.ema is not None:
         export.load_state_dict(parts.ema.shadow)
-        parts.tracker.log_model(export, name="model_ema", step=step, example=example,
-                                linked="val_ema/")
+        parts.tracker.log_model(export, name="model_ema", step=step, example=example)
 
 
 def train_worker(payload: dict[str, Any]) -> None:
