@@ -248,6 +248,13 @@ class NullTracker:
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+def fail_fast() -> None:
+    """MLflow calls of this process fail at once when the server is unreachable
+    (``FAST_FAIL_ENV``, unless set): the tracker, and the driver before and after a run."""
+    for name, value in FAST_FAIL_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def _warn(line: str) -> None:
     """One warning line for the user, marked as ours (``dist.CONSOLE_MARK``); the tracker runs
     on rank 0 only, so it prints whatever its rank says."""
@@ -274,8 +281,7 @@ class MlflowTracker:
                  retry_every_s: float = 30.0, offline_path: str | Path | None = None) -> None:
         import mlflow  # ~1 s: rank 0 only; the other ranks' NullTracker never needs it
 
-        for name, value in FAST_FAIL_ENV.items():
-            os.environ.setdefault(name, value)
+        fail_fast()
         self._mlflow = mlflow
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self._params, self._system_metrics, self.retry_every_s = params, system_metrics, retry_every_s

@@ -207,6 +207,13 @@ def test_finetune_from_our_run_at_another_size_and_class_count(run, five_digits,
     assert improved(history), history
     out = capsys.readouterr().out
     assert "fine-tuning t2t_vit_tiny from" in out and "/runs/source/checkpoint_step_" in out
+    # Where its weights came from: the source tagged, the source run's final model its input.
+    assert found.data.tags["source"] == str(run.checkpoint)
+    assert (found.data.tags["source_kind"], found.data.tags["source_step"]) == ("checkpoint",
+                                                                               str(STEPS))
+    source_models = {run.client.get_logged_model(o.model_id).name: o.model_id
+                     for o in run.client.get_run(run.run_id).outputs.model_outputs}
+    assert [i.model_id for i in found.inputs.model_inputs] == [source_models["model"]]
     run.finetuned = history
 
 

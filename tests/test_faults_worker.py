@@ -122,7 +122,8 @@ def logged(config, key):
 
 @pytest.mark.ray(cpus=2)
 @pytest.mark.slow
-def test_killed_worker_resumes_to_the_same_weights_and_samples(driver, digits_shards, tmp_path):
+def test_killed_worker_resumes_to_the_same_weights_and_samples(driver, digits_shards, tmp_path,
+                                                               capfd):
     straight = launch(fault_config(digits_shards, tmp_path, "straight"))
 
     config = fault_config(digits_shards, tmp_path, "killed")
@@ -142,6 +143,9 @@ def test_killed_worker_resumes_to_the_same_weights_and_samples(driver, digits_sh
     output = "".join(worker_output(driver, pid) for pid in pids["after"])
     resumed = [int(s) for s in re.findall(r"resumed at step (\d+)", output)]
     assert resumed and 0 < resumed[0] < EPOCH_STEPS, output[-3000:]  # restarted mid-epoch
+    console = capfd.readouterr().out  # the quiet console says why the workers restarted
+    assert re.search(r"WARNING: worker \d failed \(\w+.*Ray Train restarts the workers", console), \
+        console[-3000:]
 
     assert recovered.metrics["step"] == straight.metrics["step"] == EPOCH_STEPS
     differences = {key: abs(recovered.metrics[key] - straight.metrics[key])

@@ -30,7 +30,7 @@ from t2t_dist.launch.preflight import check_model, is_remote
 from t2t_dist.launch.stop import beside_signals, raise_if_stopped, read_finish, stop_on_signals
 from t2t_dist.loop import planned_steps
 from t2t_dist.storage import Store, open_store
-from t2t_dist.tracking import (DESCRIPTION_TAG, RUN_NAME_TAG, find_run, mlflow_client,
+from t2t_dist.tracking import (DESCRIPTION_TAG, RUN_NAME_TAG, fail_fast, find_run, mlflow_client,
                                open_experiment, resolve_tracking_uri)
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
@@ -146,6 +146,28 @@ def connect(config: Config) -> bool:
     return True
 
 
+def failure_notice(max_failures: int):
+    """A Ray Train callback that tells the console, in one line of ours, that a worker failed:
+    the quiet console hides Ray's own account of it (``console.open_console``). It runs in
+    Ray Train's controller, whose output Ray forwards to the driver like a worker's."""
+    import ray.train  # see run_tags
+
+    from t2t_dist.dist import CONSOLE_MARK
+
+    class FailureNotice(ray.train.UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for rank, error in sorted(worker_exceptions.items()):
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                sys.stdout.write(f"{CONSOLE_MARK}WARNING: worker {rank} failed "
+                                 f"({type(error).__name__}: {reason}); Ray Train restarts the "
+                                 f"workers from the newest complete checkpoint (at most "
+                                 f"run.max_failures={max_failures} times; --verbose shows "
+                                 f"Ray's account)\n")
+            sys.stdout.flush()
+
+    return FailureNotice()
+
+
 def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callbacks=(),
                   name: str | None = None):
     """The Ray Train V2 TorchTrainer for ``config``: scaling, storage, failures, checkpoints.
@@ -167,7 +189,7 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
     run_config = ray.train.RunConfig(
         name=name or config.run.name,
         storage_path=config.run.storage_path,
-        callbacks=list(callbacks),
+        callbacks=[failure_notice(config.run.max_failures), *callbacks],
         failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         worker_runtime_env={"env_vars": env_vars},
@@ -208,13 +230,12 @@ def finished_already(config: Config) -> str:
 
 def open_tracking(config: Config) -> str | None:
     """The MLflow store and experiment, made by the driver (``tracking.open_experiment``):
-    their id, or None with a one-line warning when MLflow is unreachable (the workers'
-    tracker then buffers and retries)."""
+    their id, or None when MLflow is unreachable (rank 0's tracker then warns once, buffers
+    and retries)."""
+    fail_fast()  # here and in the closing lines' link: one refused call, not minutes of retries
     try:
         return open_experiment(config.run.tracking_uri, config.run.experiment)
-    except Exception as error:  # connection refused, timeouts, 5xx: the workers retry
-        print(f"WARNING: MLflow at {config.run.tracking_uri} is unreachable ({type(error).__name__}): "
-              f"training goes on, the metrics are buffered", file=sys.stderr, flush=True)
+    except Exception:  # connection refused, timeouts, 5xx: the workers' tracker says so
         return None
 
 
