@@ -7,8 +7,9 @@ cluster), ended from outside and run again with the same command:
   every metric step logged once; the MLflow run then explains itself (source tags, datasets,
   the architecture as built, each model once with a signature); and once more, the finished
   run says so in one line, in seconds, without Ray;
-- Ctrl-C (SIGINT to the job's process group, and to its Ray workers): a checkpoint of that
-  step, the MLflow run KILLED, exit 130, the same command resumes there.
+- Ctrl-C (SIGINT to the job's process group, and to its Ray workers) and SIGTERM (to the
+  driver): a checkpoint of that step, the MLflow run KILLED, exit 130 / 143, the same command
+  resumes there.
 """
 
 from __future__ import annotations
@@ -172,11 +173,14 @@ def test_killed_driver_resumes_at_its_last_complete_checkpoint_then_reruns_in_se
 
 @pytest.mark.ray(cpus=2)
 @pytest.mark.slow
-def test_ctrl_c_to_the_process_group_checkpoints_that_step_and_the_same_command_resumes(
-        ray_cluster, digits_shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_checkpoints_that_step_and_the_same_command_resumes(
+        ray_cluster, digits_shards, tmp_path, signum):
     """Ctrl-C in a terminal: SIGINT to its foreground process group. The driver runs in a
     session of its own; the job's Ray workers (in process groups of their own under Ray) get
-    it too. The result is SIGTERM's (Slurm's preemption path): ``stop.stop_on_signals``."""
+    it too. SIGTERM, to the driver alone: what Slurm's SIGUSR1 becomes (``ray_on_slurm.py``
+    forwards it as SIGTERM). Both end the same way: ``stop.stop_on_signals``."""
+    name = signal.Signals(signum).name
     argv = job_argv(digits_shards, tmp_path, "run.name=stopped-job", "run.stop_check_every=2",
                     "run.checkpoint_every=100", "optim.epochs=10", f"run.max_steps={MAX_STEPS}")
     env, run_dir = ray_cluster.env(), tmp_path / "runs" / "stopped-job"
@@ -187,17 +191,20 @@ def test_ctrl_c_to_the_process_group_checkpoints_that_step_and_the_same_command_
     for line in first.stdout:  # the workers train: the driver is inside fit
         lines.append(line)
         if re.match(r"step [1-9]\d*/\d+ \|", line):
-            workers = train_worker_pids(ray_cluster.process.pid, started)
-            os.killpg(first.pid, signal.SIGINT)
-            for pid in workers:
-                os.kill(pid, signal.SIGINT)
+            if signum == signal.SIGINT:
+                workers = train_worker_pids(ray_cluster.process.pid, started)
+                os.killpg(first.pid, signal.SIGINT)
+                for pid in workers:
+                    os.kill(pid, signal.SIGINT)
+            else:
+                first.send_signal(signal.SIGTERM)
             break
     lines += first.stdout.readlines()
     output = "".join(lines)
-    assert first.wait(timeout=120) == 128 + signal.SIGINT, output[-3000:]
-    assert len(workers) == 2, workers
-    assert "SIGINT received: the workers commit a checkpoint" in output
-    [stopped] = re.findall(r"pretrain: stopped on SIGINT at step (\d+) with checkpoint \S+"
+    assert first.wait(timeout=120) == 128 + signum, output[-3000:]
+    assert signum != signal.SIGINT or len(workers) == 2, workers
+    assert f"{name} received: the workers commit a checkpoint" in output
+    [stopped] = re.findall(rf"pretrain: stopped on {name} at step (\d+) with checkpoint \S+"
                            r"checkpoint_step_(\d+); the same command resumes stopped-job", output)
     step = int(stopped[0])
     assert stopped[1] == f"{step:08d}" and 0 < step < MAX_STEPS and step % 2 == 0, output[-3000:]
