@@ -95,7 +95,11 @@ def _git(*args: str) -> str:
 def source_tags() -> dict[str, str]:
     """MLflow's own source tags, known here, where the job was started and the checkout is:
     the job script (relative to the checkout), its git commit, branch and repository, the
-    user. The worker that creates the MLflow run would report Ray's ``default_worker.py``."""
+    user. The worker that creates the MLflow run would report Ray's ``default_worker.py``.
+    The user is MLflow's choice: the tracking server's user when credentials name one (a
+    server with auth records the run under it), else the login name."""
+    from mlflow.utils.credentials import read_mlflow_creds  # mlflow: ~1 s to import
+
     script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     top = _git("rev-parse", "--show-toplevel")
     name = str(script) if script else "unknown"
@@ -103,7 +107,7 @@ def source_tags() -> dict[str, str]:
         name = str(script.relative_to(top))
     tags = {"mlflow.source.name": name,
             "mlflow.source.type": "JOB" if submission_id() else "LOCAL",
-            "mlflow.user": getpass.getuser(),
+            "mlflow.user": read_mlflow_creds().username or getpass.getuser(),
             "mlflow.source.git.commit": _git("rev-parse", "HEAD"),
             "mlflow.source.git.branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
             "mlflow.source.git.repoURL": _git("config", "--get", "remote.origin.url")}
