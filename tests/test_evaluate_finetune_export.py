@@ -213,7 +213,8 @@ def test_finetune_from_our_run_at_another_size_and_class_count(run, five_digits,
                                                                                str(STEPS))
     source_models = {run.client.get_logged_model(o.model_id).name: o.model_id
                      for o in run.client.get_run(run.run_id).outputs.model_outputs}
-    assert [i.model_id for i in found.inputs.model_inputs] == [source_models["model"]]
+    inputs = run.client.get_run(found.info.run_id).inputs  # search_runs leaves model inputs out
+    assert [i.model_id for i in inputs.model_inputs] == [source_models["model"]]
     run.finetuned = history
 
 
