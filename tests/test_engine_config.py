@@ -79,10 +79,10 @@ def test_batch_split(global_batch, world, micro, expected):
 
 def test_batch_split_refuses_uneven_batches():
     with pytest.raises(ConfigError, match=r"data.global_batch=1000 is invalid: expected a multiple "
-                                          r"of micro_batch\(64\) x workers\(8\)"):
+                                          r"of engine.micro_batch\(64\) x workers\(8\) = 512: 512 or 1024$"):
         batch_split(1000, 8, 64)
     with pytest.raises(ConfigError, match=r"data.global_batch=4 is invalid: expected a multiple "
-                                          r"of micro_batch\(0\) x workers\(8\)"):
+                                          r"of the workers \(8\): 8$"):
         batch_split(4, 8)  # fewer images than workers
     assert batch_split(8, 8) == (1, 1)  # one image per worker is fine
 

@@ -219,6 +219,7 @@ def test_finetune_from_our_run_at_another_size_and_class_count(run, five_digits,
 
 
 def test_finetune_from_a_released_layout_file(run, five_digits, tmp_path):
+    mlflow.set_tracking_uri(run.config.run.tracking_uri)  # not whichever store a test used last
     live = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model").state_dict()
     released = tmp_path / "81.5_T2T_ViT_tiny.pth.tar"  # as the authors' files: module. prefix
     noise = {f"module.{k}": torch.randn_like(v) if v.is_floating_point() else v
