@@ -27,6 +27,7 @@ turn off where it buys nothing:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from t2t_dist.config import (Config, EngineConfig, OptimConfig, batch_split,
-                             check_precision_device)
+                             check_precision_device, worker_batch_split)
 from t2t_dist.optim import param_groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,7 +135,10 @@ def build_engine(model: nn.Module, config: Config, *, world_size: int, device: t
     _venv_ninja_first()
     import deepspeed  # heavy import, and it reads DS_ACCELERATOR at import time
 
-    ds_config = deepspeed_config(config.engine, config.optim, global_batch=config.data.global_batch,
+    # An elastic group's micro batch depends on how many workers it has now.
+    micro_batch, _ = worker_batch_split(config, world_size)
+    ds_config = deepspeed_config(dataclasses.replace(config.engine, micro_batch=micro_batch),
+                                 config.optim, global_batch=config.data.global_batch,
                                  world_size=world_size, device_type=device.type)
     model = model.to(device)
     optimizer = build_optimizer(model, config.optim)

@@ -19,7 +19,7 @@ from torch import nn
 
 from t2t_dist import dist
 from t2t_dist.checkpoint import Checkpointer, SampleLedger
-from t2t_dist.config import Config, DataConfig
+from t2t_dist.config import Config, DataConfig, ScalingConfig
 from t2t_dist.data import normalize
 from t2t_dist.engine import engine_dtype, full_named_tensors, set_lr
 from t2t_dist.optim import LRSchedule, WeightEma
@@ -29,6 +29,7 @@ class Tracker(Protocol):
     """What the workers call on a tracker (MLflow on rank 0, a no-op elsewhere)."""
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_model(self, model: nn.Module, name: str = "model", **kwargs: Any) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -214,6 +215,20 @@ def next_micro_batches(batches: Iterator, count: int) -> list:
         return [next(batches) for _ in range(count)]
 
 
+RESIZE_TAG = "t2t_dist.resize.step_{step:08d}"  # MLflow: when and why the group changed size
+
+
+def resize_reason(saved_workers: int, workers: int, scaling: ScalingConfig) -> str:
+    """Why a run resumes on another number of workers than its checkpoint was written by."""
+    if scaling.min_workers and workers < saved_workers:
+        return (f"the group lost workers (a worker or its node failed) and Ray Train restarted it "
+                f"with what the cluster holds (scaling.min_workers={scaling.min_workers})")
+    if scaling.min_workers and workers > saved_workers:
+        return (f"the cluster has room again and Ray Train grew the group (toward "
+                f"scaling.num_workers={scaling.num_workers})")
+    return f"the run was submitted again with scaling.num_workers={scaling.num_workers}"
+
+
 def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = None,
         stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """Train until the schedule (or ``run.max_steps``) ends; returns the last metrics and
@@ -245,10 +260,17 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
         dist.say("eval  | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
+    workers = dist.world_size()
     dist.say(f"training {config.model.name} for {total_steps} steps ({epoch_steps} per epoch) on "
-         f"{dist.world_size()} workers: micro batch {micro_batch} x accumulation {accum} x "
-         f"workers {dist.world_size()} = global batch {config.data.global_batch}"
+             f"{workers} workers: micro batch {micro_batch} x accumulation {accum} x "
+             f"workers {workers} = global batch {config.data.global_batch}"
          + (f", resumed at step {step}" if resume else ""))
+    saved_workers = resume.get("resumed_world_size", workers) if resume else workers
+    if saved_workers != workers:  # the checkpoint continues on another world size
+        note = (f"workers {saved_workers} -> {workers} at step {step}: "
+                f"{resize_reason(saved_workers, workers, config.scaling)}")
+        dist.say(note)
+        tracker.set_tags({RESIZE_TAG.format(step=step): note})
     meter = Meter(start_step=step)
     while step < total_steps:
         epoch = step // epoch_steps
@@ -277,6 +299,8 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
                 # Loss and LR first: the MLflow run lists its metrics in the order first logged.
                 metrics = {"train/loss": window.pop("train/loss"), "train/lr": lr,
                            "epoch": epoch, **window}
+                if config.scaling.min_workers:  # elastic: the group's size over the run
+                    metrics["scaling/workers"] = workers
                 check_finite(metrics["train/loss"], step, config.engine.precision)
                 # Skip counters only when a sample was skipped; the run's total at the end.
                 metrics.update({key: value for key, value in skipped.items() if value})

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from t2t_dist.config import (Config, ConfigError, apply_overrides, flatten, load_config,
-                             save_config, to_dict)
+                             save_config, to_dict, worker_batch_split)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 
@@ -40,6 +40,13 @@ def test_precedence_file_then_model_then_set(tmp_path):
     (["scaling.num_workers=two"], "scaling.num_workers='two' is invalid: expected an integer"),
     (["optim"], "override 'optim' is invalid: expected section.field=value"),
     (["engine.offload_params=cpu", "engine.zero_stage=2"], "engine.zero_stage (with offload_params)=2"),
+    (["scaling.num_workers=2", "scaling.min_workers=3"],
+     "scaling.min_workers=3 is invalid: expected 0 (a fixed group) or 1 to scaling.num_workers(2)"),
+    (["scaling.num_workers=4", "scaling.min_workers=1", "data.global_batch=64"],
+     "scaling.min_workers=1 is invalid: data.global_batch=64 does not split evenly over 3 workers, "
+     "and Ray Train may run the group at any size from min_workers to num_workers(4); expected "
+     "min_workers >= 4 or a global batch every size divides"),
+    (["scaling.resize_check_s=0"], "scaling.resize_check_s=0.0 is invalid: expected 0 < resize_check_s"),
 ])
 def test_bad_values_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -81,3 +88,22 @@ def test_shipped_job_configs_load_as_written(path, tmp_path):
     assert written and {key: loaded.get(key, "<missing>") for key in written} == written
     save_config(config, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == config
+
+
+@pytest.mark.parametrize("settings, splits", [
+    # An elastic group keeps micro batches at most the full group's; accumulation makes up the rest.
+    (["scaling.num_workers=2", "scaling.min_workers=1", "data.global_batch=64"],
+     {1: (32, 2), 2: (32, 1)}),
+    (["scaling.num_workers=4", "scaling.min_workers=2", "data.global_batch=48"],
+     {2: (12, 2), 3: (8, 2), 4: (12, 1)}),
+    (["scaling.num_workers=2", "scaling.min_workers=1", "data.global_batch=64",
+      "engine.micro_batch=16"], {1: (16, 4), 2: (16, 2)}),
+    (["scaling.num_workers=2", "data.global_batch=64"], {2: (32, 1)}),  # fixed: batch_split
+])
+def test_worker_batch_split_keeps_the_global_batch_at_every_group_size(settings, splits):
+    config = load_config(overrides=settings)
+    sizes = range(config.scaling.min_workers or config.scaling.num_workers,
+                   config.scaling.num_workers + 1)
+    assert {workers: worker_batch_split(config, workers) for workers in sizes} == splits
+    for workers, (micro, accum) in splits.items():
+        assert micro * accum * workers == config.data.global_batch

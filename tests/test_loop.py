@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from t2t_dist.checkpoint import Checkpointer, SampleLedger
-from t2t_dist.config import load_config
+from t2t_dist.config import load_config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
 from t2t_dist.loop import StopRequested, TrainParts, fit, planned_steps, steps_per_epoch
@@ -22,9 +22,13 @@ DEVICE = torch.device("cpu")
 class RecordingTracker:
     def __init__(self):
         self.logged: list[tuple[int, dict]] = []
+        self.tags: dict[str, str] = {}
 
     def log(self, metrics, step):
         self.logged.append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
     def log_model(self, model, name="model", **kwargs):
         raise AssertionError("fit never logs models")
@@ -62,7 +66,8 @@ def build(digits, *settings):
         "optim.warmup_epochs=0.5", "optim.cooldown_epochs=0", "optim.ema_decay=0",
         "data.mixup_alpha=0", "data.cutmix_alpha=0", *settings])
     torch.manual_seed(0)
-    train_loader = build_train_loader(config.data, img_size=32, micro_batch=64)
+    micro_batch, _ = worker_batch_split(config, 1)
+    train_loader = build_train_loader(config.data, img_size=32, micro_batch=micro_batch)
     val_loader = build_val_loader(config.data, img_size=32)
     model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
     engine = build_engine(model, config, world_size=1, device=DEVICE)
@@ -155,3 +160,25 @@ def test_stop_request_commits_a_checkpoint_then_stops(process_group, digits_shar
     assert published[-1][1]["step"] == step
     assert "client/rank_00000.pt" in published[-1][2]
     assert parts.train_loader.state_dict()["position"] == step * 64  # resumes right after
+
+
+@pytest.mark.slow
+def test_elastic_group_of_one_accumulates_and_says_why_it_resized(process_group, digits_shards):
+    """An elastic group (2 workers, min 1) resumed on 1 worker from a 2-worker checkpoint: the
+    same global batch, steps per epoch and LR as the full group, by gradient accumulation;
+    the size change is said in one line and tagged in MLflow, the size logged with progress."""
+    config, parts, _ = build(digits_shards, "scaling.num_workers=2", "scaling.min_workers=1",
+                             "run.log_every=1", "run.max_steps=2")
+    # The full group: 2 workers x 32 = 64 a step, 400 // 64 steps an epoch.
+    full_group = LRSchedule.from_config(config.optim, global_batch=64, steps_per_epoch=6)
+    assert parts.engine.gradient_accumulation_steps() == 2
+    assert parts.engine.train_micro_batch_size_per_gpu() == 32  # the full group's share
+    assert steps_per_epoch(parts.train_loader, parts.engine) == 400 // 64
+    assert [parts.schedule(step) for step in range(12)] == [full_group(step) for step in range(12)]
+    tracker = parts.tracker
+    fit(config, parts, resume={"step": 0, "resumed_world_size": 2})
+    assert tracker.tags == {"t2t_dist.resize.step_00000000": (
+        "workers 2 -> 1 at step 0: the group lost workers (a worker or its node failed) and Ray "
+        "Train restarted it with what the cluster holds (scaling.min_workers=1)")}
+    assert [m["scaling/workers"] for _, m in tracker.logged if "train/loss" in m] == [1, 1]
+    assert parts.train_loader.state_dict()["position"] == 2 * 64

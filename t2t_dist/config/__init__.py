@@ -25,7 +25,7 @@ __all__ = [
     "Config", "ConfigError", "DataConfig", "EngineConfig", "ModelConfig", "OptimConfig",
     "RunConfig", "SAVED_CONFIG", "ScalingConfig", "TuneConfig", "apply_overrides", "batch_split",
     "check_precision_device", "flatten", "from_dict", "load_config", "run_dir", "run_name",
-    "save_config", "to_dict",
+    "save_config", "to_dict", "worker_batch_split",
 ]
 
 SAVED_CONFIG = "t2t_config.yaml"  # the resolved config, saved in the run's folder (``run_dir``)
@@ -43,10 +43,53 @@ class Config:
 
     def __post_init__(self) -> None:
         batch_split(self.data.global_batch, self.scaling.num_workers, self.engine.micro_batch)
+        check_elastic_batch(self)
         check_precision_device(self.engine.precision, self.scaling.use_gpu)
         if self.tune.space:
             sections = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tune"}
             check_space_fields(self.tune, list(flatten(to_dict(sections))))
+
+
+def worker_batch_split(config: Config, world_size: int) -> tuple[int, int]:
+    """``(micro_batch, grad_accum_steps)`` on ``world_size`` workers, with micro x accum x
+    workers == ``data.global_batch``.
+
+    A fixed group: ``batch_split`` (``engine.micro_batch``; 0 = global batch / workers). An
+    elastic group (``scaling.min_workers``) keeps its micro batches at most the full group's
+    (``engine.micro_batch``, or global batch / ``scaling.num_workers``) with the fewest
+    accumulation steps: fewer workers accumulate more, so memory per worker, the global batch
+    and the LR schedule stay what they were.
+    """
+    global_batch, scaling = config.data.global_batch, config.scaling
+    if not scaling.min_workers:
+        return batch_split(global_batch, world_size, config.engine.micro_batch)
+    largest = config.engine.micro_batch or global_batch // scaling.num_workers
+    share, left = divmod(global_batch, world_size)
+    for accum in range(1, share + 1) if not left else ():
+        if share % accum == 0 and share // accum <= largest:
+            return share // accum, accum
+    raise ConfigError(f"data.global_batch={global_batch} is invalid on {world_size} workers: "
+                      f"expected a multiple of the workers with micro batches of at most {largest}")
+
+
+def check_elastic_batch(config: Config) -> None:
+    """An elastic group may run at any size from ``scaling.min_workers`` to ``num_workers``
+    (Ray Train picks what the cluster holds): every size must split the global batch."""
+    low, high = config.scaling.min_workers, config.scaling.num_workers
+    if not low:
+        return
+    bad = []
+    for workers in range(low, high + 1):
+        try:
+            worker_batch_split(config, workers)
+        except ConfigError:
+            bad.append(workers)
+    if bad:
+        raise ConfigError(
+            f"scaling.min_workers={low} is invalid: data.global_batch={config.data.global_batch} "
+            f"does not split evenly over {', '.join(map(str, bad))} workers, and Ray Train may run "
+            f"the group at any size from min_workers to num_workers({high}); expected "
+            f"min_workers >= {max(bad) + 1} or a global batch every size divides")
 
 
 def run_name(config: Config) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from t2t_dist.config.base import check_choice, check_positive, check_range
+from t2t_dist.config.base import check_choice, check_positive, check_range, fail
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +44,16 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # the group's size; with min_workers, the most it grows back to
+    # Elastic: 1..num_workers. A group that loses workers (a node gone) goes on with the
+    # workers left, down to this many, and grows back when resources return, each time from
+    # the last checkpoint with the same global batch and schedule. 0 = a fixed group.
+    min_workers: int = 0
+    resize_check_s: float = 60.0  # elastic: how often a running group looks for room to grow
+    # How long a worker group may take to start before Ray Train gives up and decides its
+    # size again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). Right after a node is lost, Ray may
+    # still count its resources and try the old size once: this bounds that wasted attempt.
+    start_timeout_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used when use_gpu
@@ -56,6 +65,12 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         check_positive("scaling.num_workers", self.num_workers)
+        if isinstance(self.min_workers, bool) or not isinstance(self.min_workers, int) or not (
+                0 <= self.min_workers <= self.num_workers):
+            fail("scaling.min_workers", self.min_workers, f"0 (a fixed group) or 1 to "
+                 f"scaling.num_workers({self.num_workers}) (an elastic group)")
+        check_positive("scaling.resize_check_s", self.resize_check_s)
+        check_positive("scaling.start_timeout_s", self.start_timeout_s)
         check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
         check_positive("scaling.gpus_per_worker", self.gpus_per_worker)
         check_choice("scaling.placement_strategy", self.placement_strategy,

@@ -21,7 +21,7 @@ from torch import nn
 from t2t_dist import dist
 from t2t_dist.checkpoint import (CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger,
                                  run_checkpoints)
-from t2t_dist.config import Config, batch_split
+from t2t_dist.config import Config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine, compute_dtypes
 from t2t_dist.loop import TrainParts, steps_per_epoch
@@ -67,7 +67,7 @@ def build_parts(config: Config, *, tags: dict[str, str]) -> TrainParts:
     rank, world = dist.rank(), dist.world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.run.seed)  # same initial weights on every rank
-    micro_batch, _ = batch_split(config.data.global_batch, world, config.engine.micro_batch)
+    micro_batch, _ = worker_batch_split(config, world)  # elastic: accumulation absorbs a resize
     train_loader = build_train_loader(config.data, img_size=config.model.img_size, rank=rank,
                                       world_size=world, micro_batch=micro_batch)
     val_loader = build_val_loader(config.data, img_size=config.model.img_size, rank=rank,

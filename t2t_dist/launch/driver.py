@@ -35,6 +35,7 @@ from t2t_dist.tracking import (DESCRIPTION_TAG, RUN_NAME_TAG, fail_fast, find_ru
 
 # DeepSpeed picks its accelerator at import time; on CPU workers it must be told (gloo).
 WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu"}
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # scaling.start_timeout_s
 
 
 def absolute_path(path: str, cwd: Path) -> str:
@@ -190,6 +191,8 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
         resources["GPU"] = scaling.gpus_per_worker
     env_vars = {} if scaling.use_gpu else dict(WORKER_ENV_CPU)
     env_vars["OMP_NUM_THREADS"] = str(max(1, int(scaling.cpus_per_worker)))
+    # Ray Train reads it in the driver and hands it to its controller.
+    os.environ[START_TIMEOUT_ENV] = f"{scaling.start_timeout_s:g}"
     run_config = ray.train.RunConfig(
         name=name or config.run.name,
         storage_path=config.run.storage_path,
@@ -202,8 +205,10 @@ def build_trainer(config: Config, tags: dict[str, str], *, worker=None, callback
         worker or train_worker,
         train_loop_config={"config": to_dict(config), "tags": tags},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers
+            else scaling.num_workers, elastic_resize_monitor_interval_s=scaling.resize_check_s,
+            use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy),
         run_config=run_config,
     )
 
