@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CHECKOV := $(VENV)/checkov/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv demo test models clean mutation compiler audit
+.PHONY: venv demo test soak models clean mutation compiler audit
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ models: $(STAMP)
 TEST_WORKERS ?= 2
 test: compiler $(STAMP) $(CHECKOV)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The soak tests, not part of `make test`: a node lost and regrown on a two-node Ray cluster
+# on this host (~5 min on 2 cores), and the chaos run (README, "Surviving faults").
+soak: compiler $(STAMP)
+	$(BIN)/python -m pytest -m soak -s
 
 # Mutation testing, not part of `make test`: mutmut breaks one spot at a time in optim, engine,
 # checkpoint, data/order and data/loader and runs the fast tests that reach it ([tool.mutmut] in

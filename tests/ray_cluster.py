@@ -15,6 +15,7 @@ machine still runs two 1-CPU workers and a bigger machine gets no artificial cap
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -77,25 +78,47 @@ def cluster_cpus(items) -> int:
     return max([os.cpu_count() or 1, *asked])
 
 
-def start_cluster(num_cpus: int, timeout: float = 120.0) -> RayCluster:
-    temp_dir = tempfile.mkdtemp(prefix="t2t-ray-")
-    port, dashboard_port = free_port(), free_port()
+def node_options(num_cpus: int, resources: dict[str, float] | None,
+                 object_store_bytes: int | None) -> list[str]:
+    """What `ray start` needs on any node: CPUs, custom resources, and a free port for every
+    agent and manager (two nodes on one host must not share one; Ray's fixed defaults would)."""
+    options = [f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+               "--disable-usage-stats"]  # node and object manager, workers: random by default
+    if resources:
+        options.append(f"--resources={json.dumps(resources)}")
+    if object_store_bytes:
+        options.append(f"--object-store-memory={object_store_bytes}")
+    return options
+
+
+def _start_node(command: list[str], temp_dir: str) -> tuple[subprocess.Popen, Path]:
+    """``ray start ... --block`` in a session of its own (so the node's processes, Ray's
+    workers included, can be found and ended by session); its output in the temp dir."""
     log_path = Path(temp_dir) / "ray-start.log"
-    command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        "--disable-usage-stats",
-    ]
     env = {**os.environ, **DRIVER_ENV, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
+    return process, log_path
+
+
+def start_cluster(num_cpus: int, timeout: float = 120.0, *,
+                  resources: dict[str, float] | None = None,
+                  object_store_bytes: int | None = None) -> RayCluster:
+    """A Ray head on free ports in a private temp dir; returns once its dashboard answers."""
+    temp_dir = tempfile.mkdtemp(prefix="t2t-ray-")
+    port, dashboard_port = free_port(), free_port()
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+        *node_options(num_cpus, resources, object_store_bytes),
+    ]
+    process, log_path = _start_node(command, temp_dir)
     cluster = RayCluster(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}",
                          temp_dir, log_path)
     deadline = time.monotonic() + timeout
@@ -109,6 +132,96 @@ def start_cluster(num_cpus: int, timeout: float = 120.0) -> RayCluster:
             time.sleep(1)
     cluster.stop()
     raise RuntimeError(f"Ray head not up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
+
+
+def session_processes(session: int) -> list:
+    """The live processes of one session (psutil), e.g. everything a `ray start` began."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(process.pid) == session:
+                found.append(process)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+@dataclass
+class RayNode:
+    """A second Ray node on this host, joined to a head (`ray start --address`)."""
+
+    process: subprocess.Popen
+    temp_dir: str
+    log_path: Path
+    resources: dict[str, float]
+    node_id: str = ""
+
+    def kill(self) -> int:
+        """Lose the node as a machine is lost: SIGKILL every process it started at once (the
+        raylet, its agents and log monitor, and the Ray workers on it). Returns how many."""
+        processes = session_processes(self.process.pid)
+        for process in processes:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except Exception:  # gone meanwhile
+                pass
+        self.process.wait(timeout=30)
+        return len(processes)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        for process in session_processes(self.process.pid):
+            try:
+                process.send_signal(signal.SIGKILL)
+            except Exception:
+                pass
+        if self.process.poll() is None:
+            self.process.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def alive_nodes(head: RayCluster) -> list[dict]:
+    """The nodes the head's GCS holds alive, by Ray's state API (addressed explicitly: with
+    other Ray clusters on the host an address-less call refuses to choose)."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                       raise_on_missing_output=False)
+    return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
+
+
+def start_worker_node(head: RayCluster, *, num_cpus: int, resources: dict[str, float],
+                      object_store_bytes: int | None = None,
+                      timeout: float = 120.0) -> RayNode:
+    """Join a node with its own CPUs, resources, ports and temp dir to ``head``; returns once
+    the head's GCS lists it alive (found by its first custom resource)."""
+    temp_dir = tempfile.mkdtemp(prefix="t2t-rayn-")
+    command = [str(VENV_BIN / "ray"), "start", f"--address={head.address}", "--block",
+               f"--temp-dir={temp_dir}", *node_options(num_cpus, resources, object_store_bytes)]
+    known = {n["node_id"] for n in alive_nodes(head)}
+    process, log_path = _start_node(command, temp_dir)
+    node = RayNode(process, temp_dir, log_path, dict(resources))
+    marker = next(iter(resources))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start --address exited {process.returncode}:\n"
+                               f"{log_path.read_text()[-3000:]}")
+        joined = [n for n in alive_nodes(head) if n["node_id"] not in known
+                  and marker in n["resources"]]
+        if joined:
+            node.node_id = joined[0]["node_id"]
+            return node
+        time.sleep(1)
+    node.stop()
+    raise RuntimeError(f"Ray node not up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
 
 
 _CLUSTER: RayCluster | None = None
