@@ -9,6 +9,7 @@ checkpointer, tracker. One builder, shared by the training, evaluation and sweep
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,27 @@ from t2t_dist.config import Config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine, compute_dtypes
 from t2t_dist.loop import TrainParts, steps_per_epoch
-from t2t_dist.models import T2TViT, load_pretrained, resolve
+from t2t_dist.models import T2TViT, load_pretrained, read_checkpoint, resolve
 from t2t_dist.optim import LRSchedule, WeightEma
+from t2t_dist.storage import is_s3, split_url
 from t2t_dist.tracking import MlflowTracker, NullTracker, make_tracker
+
+
+def read_weights(url: str) -> str | dict:
+    """``model.pretrained`` as ``load_pretrained`` takes it: a local path as it is; an s3://
+    object (e.g. the consolidated weights a driver wrote to a run's store) read into memory."""
+    if not is_s3(url):
+        return url
+    store, key = split_url(url)
+    return read_checkpoint(io.BytesIO(store.get(key)))
 
 
 def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
     """The variant ``model.name`` with this run's image size, classes and drop path, and the
-    ``model.pretrained`` weights when ``pretrained``."""
+    ``model.pretrained`` weights (a file or an s3:// object) when ``pretrained``."""
     model = T2TViT(resolve(config.model))
     if pretrained and config.model.pretrained:
-        load_pretrained(model, config.model.pretrained)
+        load_pretrained(model, read_weights(config.model.pretrained))
     return model
 
 

@@ -15,6 +15,7 @@ workers then build the model exactly as training does (``build.build_model``).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import tempfile
 import time
@@ -32,8 +33,9 @@ from t2t_dist.export import (Weights, find_checkpoint, is_mlflow_uri, load_weigh
 from t2t_dist.launch.build import build_eval_parts, build_model
 from t2t_dist.launch.console import open_console
 from t2t_dist.launch.driver import build_trainer, connect, open_tracking, run_tags
-from t2t_dist.launch.preflight import check_model_name, check_shards_resolve, is_remote
+from t2t_dist.launch.preflight import check_model_name, check_shards_resolve
 from t2t_dist.loop import evaluate
+from t2t_dist.storage import open_store
 from t2t_dist.tracking import DESCRIPTION_TAG, SOURCE_MODEL_TAG, check_credentials
 
 WEIGHTS_FILE = "source_weights.pt"  # beside the run's checkpoints: what model.pretrained names
@@ -93,24 +95,22 @@ def materialize_weights(config: Config, source: str, *, new_head: bool,
     """Resolve ``source``, check it fits ``config.model`` and point ``model.pretrained`` at it.
 
     A plain weights file is used where it is; our checkpoints, run names and MLflow models
-    are consolidated here once and written to ``<run_dir>/source_weights.pt``
-    (local or shared storage: workers read that path).
+    are consolidated here once and written to ``<run_dir>/source_weights.pt`` through the
+    run's store (local, shared or s3:// storage: the workers read it from there).
     """
     weights = resolve_weights(source, storage_path=config.run.storage_path,
                               tracking_uri=config.run.tracking_uri, ema=ema)
     check_model_name(config.model.name)
     load_weights(build_model(config, pretrained=False), weights, new_head=new_head)
     if weights.kind == "file" and not source.endswith(".safetensors"):
-        path = Path(source).resolve()
+        path = str(Path(source).resolve())
     else:
-        if is_remote(config.run.storage_path):
-            raise ConfigError(f"checkpoint {source!r} needs consolidating into a file the workers "
-                              f"read, but run.storage_path={config.run.storage_path!r} is remote: "
-                              f"export it first (t2t-dist export) to shared storage and pass that file")
-        path = Path(run_dir(config)) / WEIGHTS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(weights.checkpoint), path)
-    model = dataclasses.replace(config.model, pretrained=str(path))
+        buffer = io.BytesIO()
+        torch.save(dict(weights.checkpoint), buffer)
+        folder = open_store(run_dir(config))
+        folder.put(WEIGHTS_FILE, buffer.getbuffer())
+        path = folder.url(WEIGHTS_FILE)
+    model = dataclasses.replace(config.model, pretrained=path)
     return dataclasses.replace(config, model=model), weights
 
 

@@ -7,12 +7,12 @@
 """
 
 from t2t_dist.models.configs import VARIANTS, T2TViTConfig, get_config, list_models, resolve
-from t2t_dist.models.pretrained import LoadReport, load_pretrained, resize_pos_embed
+from t2t_dist.models.pretrained import LoadReport, load_pretrained, read_checkpoint, resize_pos_embed
 from t2t_dist.models.profile import count_macs, count_params, format_model_table
 from t2t_dist.models.vit import T2TViT, create_model
 
 __all__ = [
     "LoadReport", "T2TViT", "T2TViTConfig", "VARIANTS", "count_macs", "count_params",
     "create_model", "format_model_table", "get_config", "list_models", "load_pretrained",
-    "resize_pos_embed", "resolve",
+    "read_checkpoint", "resize_pos_embed", "resolve",
 ]

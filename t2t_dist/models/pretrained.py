@@ -16,7 +16,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,15 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def _read(path: str | os.PathLike) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+def read_checkpoint(source: str | os.PathLike | BinaryIO) -> Any:
+    """A checkpoint file (a path, or an open binary file such as one read from object
+    storage) as ``torch.load`` gives it, tensors on the CPU, unpickling nothing but tensors
+    and plain containers."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"checkpoint {os.fspath(source)!r} does not exist")
     # timm-style training checkpoints also pickle their argparse.Namespace of arguments.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def _pick_state_dict(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -106,7 +109,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     """
     if pos_embed not in ("resize", "model"):
         raise ValueError(f"pos_embed={pos_embed!r} is invalid: expected 'resize' or 'model'")
-    checkpoint = path_or_state if isinstance(path_or_state, Mapping) else _read(path_or_state)
+    checkpoint = path_or_state if isinstance(path_or_state, Mapping) else read_checkpoint(path_or_state)
     source, state = _pick_state_dict(checkpoint)
     state, stripped = _strip_prefixes(state)
     report = LoadReport(source=source, prefixes_stripped=stripped)
