@@ -85,6 +85,15 @@ def children(tmp_path, name):
     return client, (parents[0] if parents else None), kids
 
 
+def placement_groups_left(ray_cluster) -> list[str]:
+    """Placement groups of the cluster not yet removed, as ``id state``."""
+    from ray.util.state import list_placement_groups
+
+    groups = list_placement_groups(address=ray_cluster.dashboard_url, raise_on_missing_output=False)
+    return [f"{group.placement_group_id} {group.state}" for group in groups
+            if group.state != "REMOVED"]
+
+
 def history_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
@@ -232,6 +241,15 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
     time.sleep(2)  # let Tune save its state (TUNE_GLOBAL_CHECKPOINT_S=1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+    # Nothing the killed sweep reserved stays reserved: by Ray's state API (addressed to this
+    # cluster: other Ray clusters run on the host), every placement group of its trials and
+    # their Train worker groups is removed. (README, known gaps: once seen otherwise.)
+    killed_at, reserved = time.monotonic(), placement_groups_left(ray_cluster)
+    while reserved and time.monotonic() < killed_at + 90:
+        time.sleep(1)
+        reserved = placement_groups_left(ray_cluster)
+    assert not reserved, f"placement groups still reserved 90 s after the kill: {reserved}"
+    print(f"no placement group left {time.monotonic() - killed_at:.1f} s after the kill")
     first_end = {k.info.run_id: k.info.end_time for k in finished}
     first_losses = {k.info.run_id: history_steps(client, k.info.run_id, "train/loss")
                     for k in finished}
