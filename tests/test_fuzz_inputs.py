@@ -129,6 +129,9 @@ OUT_OF_RANGE = {
     "scaling.num_workers": st.integers(max_value=0),
     "scaling.cpus_per_worker": st.floats(max_value=0),
     "scaling.placement_strategy": st.sampled_from(["pack", "SPREADS", ""]),
+    "scaling.min_workers": st.one_of(st.integers(max_value=-1), st.integers(min_value=3)),
+    "scaling.resize_check_s": st.floats(max_value=0),
+    "scaling.start_timeout_s": st.floats(max_value=0),
 }
 
 
@@ -152,6 +155,8 @@ IMPOSSIBLE = st.one_of(
     st.integers(1, 20).map(lambda k: [f"data.global_batch={1500 + 2 * k}"]),  # > the samples
     st.sampled_from(["a", "b"]).map(lambda _: ["model.block=dense"]),  # needs a dense variant
     st.integers(1000, 10**9).map(lambda n: [f"scaling.num_workers={n}"]),
+    # An elastic group of 1-3 workers: 3 does not split 64.
+    st.just(["scaling.num_workers=4", "scaling.min_workers=1"]),
 )
 
 

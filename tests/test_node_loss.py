@@ -46,6 +46,7 @@ def cluster():
     cluster.stop()
 
 
+@pytest.mark.timeout(2400)
 def test_node_lost_mid_epoch_shrinks_to_one_worker_and_grows_back(cluster, tmp_path):
     started = time.monotonic()
     straight = Job(demo_argv("straight", tmp_path, *ELASTIC), env=cluster.env(**ENV),
