@@ -44,7 +44,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -154,6 +154,23 @@ class SampleLedger:
         self.totals = {int(e): [v["samples"], v["fingerprint"]] for e, v in state.items()}
         self.skipped = {int(e): int(v.get("skipped", 0)) for e, v in state.items()}
         self._pending.clear()
+
+
+def checkpoint_folder_name(step: int, taken: Collection[str] = ()) -> str:
+    """``checkpoint_step_00000120``, or ``checkpoint_step_00000120.1`` (``.2``, ...) when a
+    restore passed over a checkpoint of that name (``taken``). Ray Train may hold the passed-over
+    one registered; registering a second checkpoint in the same folder makes it delete that
+    folder twice when both age out, and its controller fails the run on the second delete."""
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    attempt = 0
+    while (f"{name}.{attempt}" if attempt else name) in taken:
+        attempt += 1
+    return f"{name}.{attempt}" if attempt else name
+
+
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint folder name: ``checkpoint_step_00000120(.1)`` -> 120."""
+    return int(name[len(CHECKPOINT_PREFIX):].split(".")[0])
 
 
 def written_files(directory: Path) -> dict[str, int]:
@@ -303,7 +320,7 @@ class Checkpointer:
     """
 
     def __init__(self, engine, states: Mapping[str, Any] | None = None, *,
-                 publish: Callable[[dict[str, float], Path, int], None] | None = None) -> None:
+                 publish: Callable[[dict[str, float], Path, str], None] | None = None) -> None:
         self.engine = engine
         self.states = {name: part for name, part in (states or {}).items() if part is not None}
         taken = sorted(set(self.states) & set(CLIENT_KEYS))
@@ -311,6 +328,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint state names {taken} are taken: expected names other "
                              f"than {', '.join(CLIENT_KEYS)}")
         self.publish = publish
+        self.passed_over: set[str] = set()  # folder names ``restore`` skipped (torn, unreadable)
 
     def commit(self, *, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Save this rank's part into a fresh local folder and ``publish`` it (a barrier
@@ -320,7 +338,8 @@ class Checkpointer:
         directory = Path(tempfile.mkdtemp(prefix=f"t2t-ckpt-{step:08d}-"))
         try:
             self.save(directory, step=step, epoch=epoch)
-            self.publish({**metrics, "step": step, "epoch": epoch}, directory, step)
+            self.publish({**metrics, "step": step, "epoch": epoch}, directory,
+                         checkpoint_folder_name(step, self.passed_over))
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -369,6 +388,7 @@ class Checkpointer:
             dist.say(f"skipping checkpoint {name}: {problem or 'another rank could not load it'}; "
                      f"trying the previous one", warning=True)
             skipped.append(name)
+            self.passed_over.add(checkpoint_name(candidate))
         raise RuntimeError(f"no usable checkpoint: {', '.join(skipped)} are all torn or "
                            f"unreadable; remove them to start the run over")
 

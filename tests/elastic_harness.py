@@ -86,6 +86,68 @@ class Cluster:
         self.head.stop()
 
 
+class WorkerLogs:
+    """What the Ray workers on every node of a cluster print, read from their log files as they
+    are written (``<temp dir>/session_*/logs/worker-*.out|err``): the driver's forwarded copy
+    lags by tens of seconds on a loaded machine. Rank 0 prints our lines; after a restart
+    another process (another file) does.
+
+        logs.mark()                                        # from now on
+        where, found = logs.wait_for(r"resumed at step (\\d+)", timeout=300, alive=job)
+        logs.wait_for(PROGRESS, timeout=300, alive=job, after=(where, found.end()))
+    """
+
+    def __init__(self, cluster: "Cluster") -> None:
+        self.cluster = cluster
+        self.marks: dict[Path, int] = {}
+
+    def files(self) -> list[Path]:
+        folders = [self.cluster.head.temp_dir, *(n.temp_dir for n in self.cluster.nodes),
+                   *(n.temp_dir for n in self.cluster.lost)]
+        return [path for folder in folders
+                for path in Path(folder).glob("session_*/logs/worker-*.[oe][ur][tr]")]
+
+    def mark(self) -> None:
+        self.marks = {path: path.stat().st_size for path in self.files()}
+
+    def new_text(self) -> dict[Path, str]:
+        """Each file's whole lines written since ``mark``."""
+        texts = {}
+        for path in self.files():
+            with open(path, "rb") as read:
+                read.seek(self.marks.get(path, 0))
+                data = read.read()
+            data = data[:data.rfind(b"\n") + 1]
+            if data:
+                texts[path] = data.decode(errors="replace")
+        return texts
+
+    def steps(self) -> list[int]:
+        """Progress steps printed since ``mark``, in any order."""
+        return [int(m[1]) for text in self.new_text().values() for m in PROGRESS.finditer(text)]
+
+    def wait_for(self, pattern: str | re.Pattern, *, timeout: float, alive: "Job",
+                 after: tuple[Path, int] | None = None) -> tuple[Path, re.Match]:
+        """The first match of ``pattern`` written since ``mark`` (only in file ``after[0]``
+        past position ``after[1]`` when given). Raises when the job ends or time runs out."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            for path, text in self.new_text().items():
+                if after is not None and path != after[0]:
+                    continue
+                found = regex.search(text, after[1] if after else 0)
+                if found:
+                    return path, found
+            if alive.process.poll() is not None:
+                raise RuntimeError(f"job exited {alive.process.returncode} before {pattern!r}:\n"
+                                   f"{alive.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} in the workers' logs within {timeout:.0f} s; "
+                                   f"driver output:\n{alive.output()[-3000:]}")
+            time.sleep(0.2)
+
+
 def train_worker_nodes(head: RayCluster) -> list[str]:
     """Node ids of the alive Ray Train workers (Ray's state API, addressed explicitly)."""
     from ray.util.state import list_actors
@@ -107,16 +169,24 @@ class Job:
     """A job driver process in a session of its own, its output (stdout + stderr) in ``log``."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str], log: Path, cwd: Path = ROOT):
-        self.log, self.started = log, time.monotonic()
+        self.argv, self.env, self.log, self.started = argv, env, log, time.monotonic()
         self._offset = log.stat().st_size if log.exists() else 0  # this submission's output
+        self._text, self._bytes = "", b""
         with open(log, "ab") as out:
             self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
+        """This submission's output so far (read incrementally: the log grows to megabytes)."""
         with open(self.log, "rb") as read:
             read.seek(self._offset)
-            return read.read().decode(errors="replace")
+            new = read.read()
+        self._offset += len(new)
+        data = self._bytes + new
+        complete = data.rfind(b"\n") + 1  # whole lines only; the rest waits for its end
+        self._text += data[:complete].decode(errors="replace")
+        self._bytes = data[complete:]
+        return self._text
 
     def steps(self) -> list[int]:
         """The steps of this submission's progress lines so far."""
@@ -163,7 +233,7 @@ class Job:
 def registered_checkpoint(run_dir: Path) -> str:
     """The latest checkpoint Ray Train's controller registered for the run ("" if none yet)."""
     try:
-        found = re.findall(rf"{CHECKPOINT_PREFIX}\d+",
+        found = re.findall(rf"{CHECKPOINT_PREFIX}\d+(?:\.\d+)?",
                            (run_dir / "checkpoint_manager_snapshot.json").read_text())
     except OSError:
         return ""

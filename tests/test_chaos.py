@@ -35,10 +35,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from elastic_harness import (Cluster, Job, demo_argv, final_ledger, history, mlflow_run,
-                             registered_checkpoint)
+from elastic_harness import (PROGRESS, Cluster, Job, WorkerLogs, demo_argv, final_ledger, history,
+                             mlflow_run, registered_checkpoint)
 from ray_cluster import session_processes
-from t2t_dist.checkpoint import CHECKPOINT_PREFIX
+from t2t_dist.checkpoint import checkpoint_step
 from test_mlflow_outage import MlflowServer
 
 pytestmark = [pytest.mark.soak, pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
@@ -53,7 +53,6 @@ SETTINGS = [f"optim.epochs={EPOCHS}", "engine.precision=fp32", "scaling.min_work
             "run.log_every=1", "run.stop_check_every=2", "run.max_failures=20"]
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 RECOVER_S = 420  # the most any one fault may take to recover from, loaded machine included
-PROGRESS = r"\bstep (\d+)/\d+ \|"
 
 
 def schedule(seed: int) -> list[tuple[str, int]]:
@@ -74,45 +73,58 @@ def schedule(seed: int) -> list[tuple[str, int]]:
 
 
 class Chaos:
-    """Runs the job and injects the faults; keeps what each did."""
+    """Runs the job and injects the faults; keeps what each did. What the job says is read
+    from the workers' own log files (``WorkerLogs``), not from the driver's lagging copy."""
 
     def __init__(self, cluster: Cluster, s3, mlflow: MlflowServer, argv, env, tmp_path: Path):
         self.cluster, self.s3, self.mlflow, self.env = cluster, s3, mlflow, env
         self.argv, self.log = argv, tmp_path / "chaos.log"
         self.run_dir = tmp_path / "runs" / "chaos"
         self.rng = random.Random(SEED + 1)
+        self.logs = WorkerLogs(cluster)
+        self.logs.mark()
         self.job = Job(argv, env=env, log=self.log)
         self.jobs = [self.job]
         self.records: list[dict] = []
-        self.mark = 0  # output position up to which events are accounted for
+        self.event: tuple[Path, int] | None = None  # where the last expected line ended
 
     # --- what the job says ---
 
-    def progress(self, timeout: float = RECOVER_S) -> int:
-        """Wait for the next progress line after ``mark``; its step (mark moves past it)."""
-        found = self.job.wait_for(PROGRESS, timeout=timeout, start=self.mark)
-        self.mark = found.end()
-        return int(found[1])
-
-    def now(self) -> None:
-        """From here on, look only at what the job says from now on (not at its backlog)."""
-        self.mark = len(self.job.output())
-
     def train(self, steps: int) -> int:
         """Let the job train ``steps`` more steps from now; returns the last step seen."""
-        self.now()
-        first = step = self.progress()
-        while step < first + steps:
-            step = self.progress()
-        return step
+        self.logs.mark()
+        deadline, first = time.monotonic() + RECOVER_S, None
+        while True:
+            seen = self.logs.steps()
+            if seen and first is None:
+                first = min(seen)
+            if seen and max(seen) >= first + steps:
+                return max(seen)
+            assert self.job.process.poll() is None, self.job.output()[-4000:]
+            assert time.monotonic() < deadline, f"no {steps} steps trained in {RECOVER_S} s"
+            time.sleep(0.2)
 
-    def expect(self, pattern: str, timeout: float = RECOVER_S) -> re.Match:
-        found = self.job.wait_for(pattern, timeout=timeout, start=self.mark)
-        self.mark = found.end()
+    def expect(self, pattern: str) -> re.Match:
+        """The next line matching ``pattern`` since the fault began (any worker)."""
+        path, found = self.logs.wait_for(pattern, timeout=RECOVER_S, alive=self.job)
+        self.event = (path, found.end())
         return found
+
+    def training_again(self) -> int:
+        """The first progress line after the last expected one, from the same worker."""
+        path, found = self.logs.wait_for(PROGRESS, timeout=RECOVER_S, alive=self.job,
+                                         after=self.event)
+        return int(found[1])
 
     def resumed(self) -> int:
         return int(self.expect(r"resumed at step (\d+)")[1])
+
+    def old_group_reached(self, at: int) -> int:
+        """The last step the group that was lost printed (files other than the new rank 0's)."""
+        texts = self.logs.new_text()
+        steps = [int(m[1]) for path, text in texts.items() if self.event is None
+                 or path != self.event[0] for m in re.finditer(PROGRESS, text)]
+        return max([at, *steps])
 
     # --- faults ---
 
@@ -136,25 +148,28 @@ class Chaos:
     def worker_kill(self, at: int) -> dict:
         pid = self.kill_a_worker()
         resumed = self.resumed()
-        return {"pid": pid, "resumed_at": resumed, "redone": self.last_step() - resumed}
+        return {"pid": pid, "resumed_at": resumed, "redone": self.old_group_reached(at) - resumed}
 
     def node_loss(self, at: int) -> dict:
         killed = self.cluster.lose(self.cluster.nodes[-1])
         resumed = int(self.expect(r"\bworkers 2 -> 1 at step (\d+)")[1])
         return {"processes_killed": killed, "resumed_at": resumed,
-                "redone": self.last_step() - resumed}
+                "redone": self.old_group_reached(at) - resumed}
 
     def node_return(self, at: int) -> dict:
         self.cluster.add_node()
         resumed = int(self.expect(r"\bworkers 1 -> 2 at step (\d+)")[1])
-        return {"resumed_at": resumed, "redone": max(0, self.last_step() - resumed)}
+        return {"resumed_at": resumed, "redone": self.old_group_reached(at) - resumed}
 
     def s3_restart(self, at: int) -> dict:
         down = self.rng.uniform(1, 4)
         self.s3.stop()
         time.sleep(down)
         self.s3.start()
-        return {"down_s": round(down, 1)}
+        self.event = None
+        restarted = [int(m[1]) for text in self.logs.new_text().values()
+                     for m in re.finditer(r"resumed at step (\d+)", text)]
+        return {"down_s": round(down, 1), "group_restarted": bool(restarted)}
 
     def mlflow_outage(self, at: int) -> dict:
         self.mlflow.stop()
@@ -162,16 +177,18 @@ class Chaos:
         trained = self.train(self.rng.randrange(8, 16))
         down = time.monotonic() - down_since
         self.mlflow.start(timeout=RECOVER_S)  # its start alone took over 120 s under load
-        back = self.progress()
+        back = self.train(1)
         # Recovered once the tracker's next retry (every 30 s) sent what it buffered.
-        client, deadline = None, time.monotonic() + 180
+        deadline = time.monotonic() + 240
         while True:
             client, runs = mlflow_run(self.mlflow.uri, "t2t-dist-demo", "chaos")
             logged = [s for s, _ in history(client, runs[0].info.run_id, "train/loss")] if runs else []
             if logged and max(logged) >= back:
                 break
+            assert self.job.process.poll() is None, self.job.output()[-4000:]
             assert time.monotonic() < deadline, f"MLflow still lacks step {back}: {logged[-5:]}"
-            self.progress(timeout=120)
+            time.sleep(2)
+        self.event = None
         return {"down_s": round(down, 1), "steps_while_down": trained - at}
 
     def torn_checkpoint(self, at: int) -> dict:
@@ -185,12 +202,11 @@ class Chaos:
         with open(model, "r+b") as file:
             file.truncate(size // 2)
         self.kill_a_worker()
-        self.expect(rf"skipping checkpoint \S*{torn}: state/mp_rank_00_model_states.pt \(rank 0\) "
-                    rf"has {size // 2} bytes, expected {size}; trying the previous one")
+        self.expect(rf"skipping checkpoint \S*{re.escape(torn)}: \S+ \(rank \d\) has \d+ bytes, "
+                    rf"expected \d+; trying the previous one")
         resumed = self.resumed()
-        torn_step = int(torn[len(CHECKPOINT_PREFIX):])
-        assert resumed < torn_step
-        return {"torn": torn, "resumed_at": resumed, "redone": self.last_step() - resumed}
+        assert resumed < checkpoint_step(torn)
+        return {"torn": torn, "resumed_at": resumed, "redone": self.old_group_reached(at) - resumed}
 
     def sigterm(self, at: int) -> dict:
         self.job.signal(signal.SIGTERM)
@@ -199,22 +215,17 @@ class Chaos:
         assert code == 143 and stopped, self.job.output()[-3000:]
         self.job = Job(self.argv, env=self.env, log=self.log)  # the same command again
         self.jobs.append(self.job)
-        self.mark = 0
         resumed = self.resumed()
         assert resumed == int(stopped[1])
         return {"stopped_at": int(stopped[1]), "resumed_at": resumed, "redone": 0}
 
-    def last_step(self) -> int:
-        steps = re.findall(PROGRESS, self.job.output()[:self.mark])
-        return int(steps[-1]) if steps else 0
-
     def run(self, plan: list[tuple[str, int]]) -> None:
         for kind, steps in plan:
             at = self.train(steps)
-            self.now()
+            self.logs.mark()
             started = time.monotonic()
             record = {"kind": kind, "at_step": at, **getattr(self, kind)(at)}
-            after = self.progress()  # training again
+            after = self.training_again() if self.event else self.train(1)
             record.update(recover_s=round(time.monotonic() - started, 1), next_step=after)
             self.records.append(record)
             print(f"fault {len(self.records):2d}: {record}", flush=True)

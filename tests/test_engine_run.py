@@ -60,7 +60,7 @@ def test_optimizer_steps_with_the_scheduled_lr(process_group, digits_shards):
                        augment=BatchAugment(config.data, 10), schedule=schedule, ledger=ledger,
                        checkpointer=Checkpointer(engine, {"loader": train_loader,
                                                           "samples_seen": ledger},
-                                                 publish=lambda metrics, directory, step: None),
+                                                 publish=lambda metrics, directory, name: None),
                        tracker=Tracker())
     used: dict[int, list[tuple[float, float]]] = {}  # optimizer step -> (lr, lr_scale) per group
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from t2t_dist.checkpoint import Checkpointer, SampleLedger
+from t2t_dist.checkpoint import Checkpointer, SampleLedger, checkpoint_step
 from t2t_dist.config import load_config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
@@ -75,7 +75,8 @@ def build(digits, *settings):
                                       steps_per_epoch=steps_per_epoch(train_loader, engine))
     published: list[tuple[int, dict, list[str]]] = []
 
-    def publish(metrics, directory, step):  # what Ray Train would receive
+    def publish(metrics, directory, name):  # what Ray Train would receive
+        step = checkpoint_step(name)
         files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.pt"))
         published.append((step, dict(metrics), files))
 

@@ -6,8 +6,9 @@ import torch
 from pyarrow.fs import LocalFileSystem
 from ray.train import Checkpoint
 
-from t2t_dist.checkpoint import (Checkpointer, Replicated, SampleLedger, checkpoint_name,
-                                 client_path, missing_parts, run_checkpoints)
+from t2t_dist.checkpoint import (Checkpointer, Replicated, SampleLedger, checkpoint_folder_name,
+                                 checkpoint_name, checkpoint_step, client_path, missing_parts,
+                                 run_checkpoints)
 from t2t_dist.config import load_config
 from t2t_dist.data import BatchAugment, build_train_loader
 from t2t_dist.engine import build_engine
@@ -91,6 +92,11 @@ def test_torn_checkpoint_falls_back_to_the_previous(process_group, digits_shards
     assert ledger.count(0) == 16  # the samples of steps 1-2, none of step 3
     for name, tensor in engine.module.state_dict().items():
         torch.testing.assert_close(tensor, weights[2][name], rtol=0, atol=0)
+    # Step 3 again goes to another folder: Ray Train may hold the torn one registered.
+    published = []
+    checkpointer.publish = lambda metrics, directory, name: published.append(name)
+    checkpointer.commit(step=3, epoch=0, metrics={})
+    assert published == ["checkpoint_step_00000003.1"]
 
     # Every checkpoint of the run torn: a clear error, never a silent fresh start.
     truncate(optimizer_shard(run / "checkpoint_step_00000002"))
@@ -129,3 +135,13 @@ def test_the_newest_complete_checkpoint_in_storage_wins_over_the_registered_one(
     [resumed] = [line for line in out.splitlines() if "resuming from" in line]
     assert "checkpoint_step_00000002: every rank completed it, though Ray Train had registered " \
            "checkpoint_step_00000001" in resumed
+
+
+def test_checkpoint_folder_names_sort_by_step_and_avoid_passed_over_ones():
+    assert checkpoint_folder_name(120) == "checkpoint_step_00000120"
+    taken = {"checkpoint_step_00000120", "checkpoint_step_00000120.1"}
+    assert checkpoint_folder_name(120, taken) == "checkpoint_step_00000120.2"
+    assert checkpoint_folder_name(125, taken) == "checkpoint_step_00000125"
+    names = ["checkpoint_step_00000125", "checkpoint_step_00000120.2", "checkpoint_step_00000115",
+             "checkpoint_step_00000120", "checkpoint_step_00001000"]
+    assert [checkpoint_step(name) for name in sorted(names)] == [115, 120, 120, 125, 1000]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import (CHECKPOINT_PREFIX, Checkpointer, Replicated, SampleLedger,
+from t2t_dist.checkpoint import (Checkpointer, Replicated, SampleLedger,
                                  run_checkpoints)
 from t2t_dist.config import Config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
@@ -50,8 +50,9 @@ def build_model(config: Config, *, pretrained: bool = True) -> nn.Module:
     return model
 
 
-def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
-    """Hand this rank's checkpoint folder to Ray Train, which merges all ranks' folders.
+def publish(metrics: dict[str, float], directory: Path, name: str) -> None:
+    """Hand this rank's checkpoint folder to Ray Train, which merges all ranks' folders into
+    the run's folder ``name`` (``checkpoint.checkpoint_folder_name``).
 
     The worker group's placement group id rides along: a sweep whose trial Tune stops early
     frees it by id (Ray would keep it until the driver exits, upstream ray#54305).
@@ -60,7 +61,7 @@ def publish(metrics: dict[str, float], directory: Path, step: int) -> None:
     if group is not None:
         metrics = {**metrics, "placement_group_id": group.id.hex()}
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+                     checkpoint_dir_name=name)
 
 
 def stored_checkpoints() -> list[ray.train.Checkpoint]:
