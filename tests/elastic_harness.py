@@ -105,18 +105,26 @@ class WorkerLogs:
         folders = [self.cluster.head.temp_dir, *(n.temp_dir for n in self.cluster.nodes),
                    *(n.temp_dir for n in self.cluster.lost)]
         return [path for folder in folders
-                for path in Path(folder).glob("session_*/logs/worker-*.[oe][ur][tr]")]
+                for path in Path(folder).glob("session_latest/logs/worker-*.[oe][ur][tr]")]
 
     def mark(self) -> None:
-        self.marks = {path: path.stat().st_size for path in self.files()}
+        self.marks = {}
+        for path in self.files():
+            try:
+                self.marks[path] = path.stat().st_size
+            except FileNotFoundError:  # Ray removes the logs of workers that ended
+                continue
 
     def new_text(self) -> dict[Path, str]:
         """Each file's whole lines written since ``mark``."""
         texts = {}
         for path in self.files():
-            with open(path, "rb") as read:
-                read.seek(self.marks.get(path, 0))
-                data = read.read()
+            try:
+                with open(path, "rb") as read:
+                    read.seek(self.marks.get(path, 0))
+                    data = read.read()
+            except FileNotFoundError:
+                continue
             data = data[:data.rfind(b"\n") + 1]
             if data:
                 texts[path] = data.decode(errors="replace")

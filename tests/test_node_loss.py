@@ -23,13 +23,18 @@ import time
 
 import pytest
 
-from elastic_harness import (Cluster, Job, complete_checkpoints, demo_argv, final_ledger, history,
-                             mlflow_run, registered_checkpoint, summary_metric, train_worker_nodes)
+from elastic_harness import (PROGRESS, Cluster, Job, WorkerLogs, complete_checkpoints, demo_argv,
+                             final_ledger, history, mlflow_run, registered_checkpoint,
+                             summary_metric, train_worker_nodes)
 from ray_cluster import alive_nodes
 
 pytestmark = [pytest.mark.soak, pytest.mark.ray, pytest.mark.slow]
 
 STEPS, EPOCH_STEPS, GLOBAL_BATCH = 230, 23, 64  # the demo: 1,500 digits, 10 epochs
+# A size change continues the run statistically, not bit for bit: each rank draws the T2T
+# tokenizer's dropout masks (0.1) from its own RNG stream, and on one worker both halves of a
+# step's batch take rank 0's. Top-1 of the two runs then differs by noise: 297 val images, one
+# point is three of them (measured: 1.7 points once in bf16, README "Known gaps").
 # Elastic, fast to notice: a checkpoint every 5 steps, Ray Train's controller polls reports
 # every 0.5 s (default 2 s), looks for room to grow every 5 s, and a worker-group start right
 # after the loss (which may still count the lost node) gives up after 30 s (default 60 s).
@@ -55,27 +60,34 @@ def test_node_lost_mid_epoch_shrinks_to_one_worker_and_grows_back(cluster, tmp_p
     straight_s = time.monotonic() - started
 
     run_dir = tmp_path / "runs" / "elastic"
+    logs = WorkerLogs(cluster)  # what the workers print, as they print it
+    logs.mark()
     job = Job(demo_argv("elastic", tmp_path, *ELASTIC), env=cluster.env(**ENV),
               log=tmp_path / "elastic.log")
     try:
         # Mid-epoch 2 (steps 46-69), with checkpoints behind it.
-        job.wait_for(r"\bstep (5[5-9]|6[0-5])/\d+ \|", timeout=600)
-        head, second = cluster.head, cluster.nodes[0]
-        assert sorted(train_worker_nodes(head)) == sorted([second.node_id, _head_node(cluster)])
+        logs.wait_for(r"\bstep (5[5-9]|6[0-5])/\d+ \|", timeout=600, alive=job)
+        second = cluster.nodes[0]
+        assert sorted(train_worker_nodes(cluster.head)) == sorted([second.node_id, _head_node(cluster)])
         registered, complete = registered_checkpoint(run_dir), complete_checkpoints(run_dir)
-        at_kill = job.steps()[-1]
+        at_kill = max(logs.steps())
         killed = cluster.lose(second)
         lost_at = time.monotonic()
 
-        shrink = job.wait_for(r"\bworkers 2 -> 1 at step (\d+): the group lost workers", timeout=400)
+        logs.mark()
+        where, shrink = logs.wait_for(r"\bworkers 2 -> 1 at step (\d+): the group lost workers",
+                                      timeout=400, alive=job)
         shrunk_at = time.monotonic()
-        first_one = job.wait_for(r"\bstep (\d+)/\d+ \|", timeout=300, start=shrink.end())
+        _, first_one = logs.wait_for(PROGRESS, timeout=300, alive=job, after=(where, shrink.end()))
         training_at = time.monotonic()
         cluster.add_node()
         added_at = time.monotonic()
-        grow = job.wait_for(r"\bworkers 1 -> 2 at step (\d+): the cluster has room again",
-                            timeout=400, start=shrink.end())
+        logs.mark()
+        where, grow = logs.wait_for(r"\bworkers 1 -> 2 at step (\d+): the cluster has room again",
+                                    timeout=400, alive=job)
         grown_at = time.monotonic()
+        before_grow = max([int(first_one[1]), *(int(m[1]) for path, text in logs.new_text().items()
+                                                if path != where for m in PROGRESS.finditer(text))])
         assert job.wait(timeout=900) == 0, job.output()[-4000:]
     finally:
         job.kill()
@@ -88,7 +100,8 @@ def test_node_lost_mid_epoch_shrinks_to_one_worker_and_grows_back(cluster, tmp_p
           f"lost -> 1-worker group said {shrunk_at - lost_at:.1f} s, training (step "
           f"{first_one[1]}) {training_at - lost_at:.1f} s; node added in {added_at - training_at:.1f} s, "
           f"-> 2 workers {grown_at - added_at:.1f} s later (at step {grow_step}); steps redone: "
-          f"{at_kill - shrink_step} at the loss, regrow from {grow_step}; uninterrupted run "
+          f"{at_kill - shrink_step} at the loss, {max(0, before_grow - grow_step)} at the regrow; "
+          f"uninterrupted run "
           f"{straight_s:.0f} s, this one {time.monotonic() - started - straight_s:.0f} s")
 
     # No resubmission: one driver, one fit; the shrink resumed from the newest checkpoint Ray
@@ -102,8 +115,12 @@ def test_node_lost_mid_epoch_shrinks_to_one_worker_and_grows_back(cluster, tmp_p
     # Each sample of every epoch exactly once: the same count and fingerprint per epoch as
     # the uninterrupted run.
     ledger = final_ledger(run_dir, STEPS)
+    seen = [ledger.get(epoch, {}).get("samples", 0) for epoch in range(10)]
+    print(f"samples lost {sum(max(0, EPOCH_STEPS * GLOBAL_BATCH - n) for n in seen)}, repeated "
+          f"{sum(max(0, n - EPOCH_STEPS * GLOBAL_BATCH) for n in seen)} (of {EPOCH_STEPS * GLOBAL_BATCH}"
+          f" per epoch)")
     assert ledger == final_ledger(tmp_path / "runs" / "straight", STEPS)
-    assert [ledger[epoch]["samples"] for epoch in range(10)] == [EPOCH_STEPS * GLOBAL_BATCH] * 10
+    assert seen == [EPOCH_STEPS * GLOBAL_BATCH] * 10
 
     top1, straight_top1 = summary_metric(output, "val/top1"), summary_metric(straight.output(), "val/top1")
     print(f"val top-1 {top1:.2f} (uninterrupted {straight_top1:.2f})")
