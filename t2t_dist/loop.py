@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,22 +76,42 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
+def micro_batch_seeds(seed: int, step: int, accum: int) -> list[int]:
+    """This rank's seed for each of its ``accum`` micro batches of optimizer step ``step``.
+
+    A step's global batch is micro batches ``j = 0, 1, ...`` and micro batch ``j`` goes to
+    rank ``j % world_size`` (``data.order``), so this rank's ``i``-th is ``j = i * world +
+    rank``. Seeding each from ``(seed, step, j)`` makes its random draws (augmentation,
+    dropout, drop path) the same whichever worker trains it: a group of another size (an
+    elastic shrink or regrow, a resubmission on fewer workers) continues the same run.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    return [int(np.random.SeedSequence([seed, step, index * world + rank]).generate_state(1)[0])
+            for index in range(accum)]
+
+
 def train_step(engine, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                augment: nn.Module, lr: float, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches`` (gradient accumulation); the mean loss.
 
     Images arrive as uint8 (B, 3, H, W) on the CPU; ``augment`` turns them into float images
     and soft targets (B, C) on ``device``. DeepSpeed steps the optimizer on the last micro batch.
+    ``seeds`` (``micro_batch_seeds``): each micro batch draws its randomness from a generator
+    seeded so, leaving the process's stream where it was; None: from the process's stream.
     """
     set_lr(engine, lr)
     total = torch.zeros((), device=device)
-    for images, labels in micro_batches:
-        images, targets = augment(images.to(device, non_blocking=True),
-                                  labels.to(device, non_blocking=True))
-        logits = engine(images.to(dtype))
-        loss = soft_target_cross_entropy(logits.float(), targets)
-        engine.backward(loss)
+    for index, (images, labels) in enumerate(micro_batches):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                   enabled=seeds is not None):
+            if seeds is not None:
+                torch.manual_seed(seeds[index])
+            images, targets = augment(images.to(device, non_blocking=True),
+                                      labels.to(device, non_blocking=True))
+            logits = engine(images.to(dtype))
+            loss = soft_target_cross_entropy(logits.float(), targets)
+            engine.backward(loss)
         engine.step()
         total += loss.detach()
     return total / len(micro_batches)
@@ -282,7 +303,7 @@ def fit(config: Config, parts: TrainParts, *, resume: dict[str, Any] | None = No
             micro_batches = next_micro_batches(batches, accum)
             parts.ledger.add(epoch, micro_batches)  # samples seen, saved with each checkpoint
             loss = train_step(engine, micro_batches, augment=parts.augment, lr=lr, device=device,
-                              dtype=dtype)
+                              dtype=dtype, seeds=micro_batch_seeds(config.data.seed, step, accum))
             step += 1
             meter.add(loss, micro_batch * accum)
             if parts.ema is not None:

@@ -12,7 +12,8 @@ from t2t_dist.checkpoint import Checkpointer, SampleLedger, checkpoint_step
 from t2t_dist.config import load_config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine
-from t2t_dist.loop import StopRequested, TrainParts, fit, planned_steps, steps_per_epoch
+from t2t_dist.loop import (StopRequested, TrainParts, fit, micro_batch_seeds, planned_steps,
+                          steps_per_epoch)
 from t2t_dist.models import create_model
 from t2t_dist.optim import LRSchedule
 
@@ -183,3 +184,23 @@ def test_elastic_group_of_one_accumulates_and_says_why_it_resized(process_group,
         "Train restarted it with what the cluster holds (scaling.min_workers=1)")}
     assert [m["scaling/workers"] for _, m in tracker.logged if "train/loss" in m] == [1, 1]
     assert parts.train_loader.state_dict()["position"] == 2 * 64
+
+
+def test_micro_batch_seeds_follow_the_micro_batch_not_the_worker(monkeypatch):
+    """A step's micro batch j (rank j % world) gets the same seed on any number of workers:
+    2 workers x 1 micro batch, 1 worker x 2, 4 workers x 1 and 2 x 2 draw alike."""
+    from t2t_dist import dist
+
+    def seeds(world: int, accum: int) -> list[int]:
+        monkeypatch.setattr(dist, "world_size", lambda: world)
+        by_index = {}
+        for rank in range(world):
+            monkeypatch.setattr(dist, "rank", lambda: rank)
+            for index, seed in enumerate(micro_batch_seeds(7, 12, accum)):
+                by_index[index * world + rank] = seed
+        return [by_index[j] for j in sorted(by_index)]
+
+    assert seeds(2, 1) == seeds(1, 2)
+    assert seeds(4, 1) == seeds(2, 2) == seeds(1, 4)
+    assert len(set(seeds(1, 4))) == 4
+    assert micro_batch_seeds(7, 12, 1) != micro_batch_seeds(7, 13, 1) != micro_batch_seeds(8, 12, 1)
