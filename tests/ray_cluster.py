@@ -198,10 +198,26 @@ def alive_nodes(head: RayCluster) -> list[dict]:
 
 
 def start_worker_node(head: RayCluster, *, num_cpus: int, resources: dict[str, float],
-                      object_store_bytes: int | None = None,
-                      timeout: float = 120.0) -> RayNode:
+                      object_store_bytes: int | None = None, timeout: float = 120.0,
+                      attempts: int = 3) -> RayNode:
     """Join a node with its own CPUs, resources, ports and temp dir to ``head``; returns once
-    the head's GCS lists it alive (found by its first custom resource)."""
+    the head's GCS lists it alive (found by its first custom resource).
+
+    ``ray start`` gives up when its raylet has not registered within 30 s (fixed in Ray's
+    ``node.py``), which a host loaded with other test runs exceeded; a failed join is cleaned
+    up (its session's processes) and tried again, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _join_node(head, num_cpus=num_cpus, resources=resources,
+                              object_store_bytes=object_store_bytes, timeout=timeout)
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _join_node(head: RayCluster, *, num_cpus: int, resources: dict[str, float],
+               object_store_bytes: int | None, timeout: float) -> RayNode:
     temp_dir = tempfile.mkdtemp(prefix="t2t-rayn-")
     command = [str(VENV_BIN / "ray"), "start", f"--address={head.address}", "--block",
                f"--temp-dir={temp_dir}", *node_options(num_cpus, resources, object_store_bytes)]
@@ -212,16 +228,18 @@ def start_worker_node(head: RayCluster, *, num_cpus: int, resources: dict[str, f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start --address exited {process.returncode}:\n"
-                               f"{log_path.read_text()[-3000:]}")
+            output = log_path.read_text()[-3000:]
+            node.stop()  # what it started before giving up, and its temp dir
+            raise RuntimeError(f"ray start --address exited {process.returncode}:\n{output}")
         joined = [n for n in alive_nodes(head) if n["node_id"] not in known
                   and marker in n["resources"]]
         if joined:
             node.node_id = joined[0]["node_id"]
             return node
         time.sleep(1)
+    output = log_path.read_text()[-3000:]
     node.stop()
-    raise RuntimeError(f"Ray node not up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"Ray node not up in {timeout:.0f}s:\n{output}")
 
 
 _CLUSTER: RayCluster | None = None
