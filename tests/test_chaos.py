@@ -7,7 +7,8 @@ a few more steps:
   on with one worker), later a fresh node with the same resource (it grows back to two);
 - ``s3_restart``: the S3 server (moto, serving the training shards) closed for 1-4 s while
   the workers read from it, then started again;
-- ``mlflow_outage``: the MLflow server stopped for 15-30 s of training, then started again;
+- ``mlflow_outage``: the MLflow server stopped while the job trains 8-15 steps, then started
+  again (recovered once the tracker's next retry has sent what it buffered);
 - ``torn_checkpoint``: a worker SIGKILLed and, before the group restarts, the newest
   checkpoint's model file truncated to half (the one Ray Train registered and the newest that
   every rank completed): the restart must skip it and resume from the one before;
@@ -24,8 +25,9 @@ samples-seen ledger, final metrics against the uninterrupted run) printed and sa
 ledger equals the uninterrupted run's (no sample lost or repeated); every step's training loss
 equals the uninterrupted run's until the group first changes size (fp32 on CPU: a recovery at
 the same size continues bit for bit); val top-1 within 1 point of the uninterrupted run's at
-the end (on another size each rank's dropout masks come from another RNG stream, so the runs
-part by noise from there); one MLflow run with every step logged exactly once. Every wait is
+the end (each micro batch draws its dropout from its own seed, whichever worker trains it, but
+one worker sums a step's gradients in another order than two that all-reduce them, so the runs
+may part by rounding from the first size change); one MLflow run with every step logged exactly once. Every wait is
 bounded.
 
 Not in the default run (``make soak``): ~20 min on the 2-core machine.
