@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from t2t_dist import dist
-from t2t_dist.checkpoint import (Checkpointer, Replicated, SampleLedger,
-                                 run_checkpoints)
+from t2t_dist.checkpoint import Checkpointer, Replicated, SampleLedger, run_checkpoints
 from t2t_dist.config import Config, worker_batch_split
 from t2t_dist.data import BatchAugment, build_train_loader, build_val_loader
 from t2t_dist.engine import build_engine, compute_dtypes
