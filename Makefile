@@ -50,7 +50,7 @@ test: compiler $(STAMP) $(CHECKOV)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The soak tests, not part of `make test`: a node lost and regrown on a two-node Ray cluster
-# on this host (~5 min on 2 cores), and the chaos run (README, "Surviving faults").
+# on this host (~7-9 min on 2 cores), and the chaos run (~25-30 min; README, "Tests").
 soak: compiler $(STAMP)
 	$(BIN)/python -m pytest -m soak -s
 
