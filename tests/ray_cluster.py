@@ -187,14 +187,23 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def alive_nodes(head: RayCluster) -> list[dict]:
+def alive_nodes(head: RayCluster, *, attempts: int = 5) -> list[dict]:
     """The nodes the head's GCS holds alive, by Ray's state API (addressed explicitly: with
-    other Ray clusters on the host an address-less call refuses to choose)."""
+    other Ray clusters on the host an address-less call refuses to choose). A dashboard that
+    drops the connection (seen with the host's load at 30-50) is asked again, 2 s apart."""
     from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
 
-    nodes = list_nodes(address=head.dashboard_url, filters=[("state", "=", "ALIVE")],
-                       raise_on_missing_output=False)
-    return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
+    for attempt in range(1, attempts + 1):
+        try:
+            nodes = list_nodes(address=head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                               raise_on_missing_output=False)
+            return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
+        except (RayStateApiException, ConnectionError):
+            if attempt == attempts:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 def start_worker_node(head: RayCluster, *, num_cpus: int, resources: dict[str, float],
