@@ -54,22 +54,29 @@ class RayCluster:
         return {**os.environ, **DRIVER_ENV, "RAY_ADDRESS": self.address}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            # On SIGINT `ray start --block` tears down the processes it started (1-4 s);
-            # SIGTERM leaves it waiting. After a long session it sometimes waits on.
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        # What the teardown leaves (the dashboard's forkserver and module processes) or never
-        # reached: the head ran in a session of its own, so its process group is ours alone.
+        stop_ray_start(self.process, self.temp_dir)
+
+
+def stop_ray_start(process: subprocess.Popen, temp_dir: str) -> None:
+    """End a `ray start --block` (head or node) and everything it began, then its temp dir."""
+    if process.poll() is None:
+        # On SIGINT `ray start --block` tears down the processes it started (1-4 s);
+        # SIGTERM leaves it waiting. After a long session it sometimes waits on.
+        process.send_signal(signal.SIGINT)
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             pass
-        self.process.wait(timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+    # What the teardown leaves (the dashboard's forkserver and module processes, workers) or
+    # never reached: `ray start` ran in a session of its own, so its session is ours alone.
+    for leftover in session_processes(process.pid):
+        try:
+            leftover.send_signal(signal.SIGKILL)
+        except Exception:  # gone meanwhile
+            pass
+    if process.poll() is None:
+        process.wait(timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def cluster_cpus(items) -> int:
@@ -171,20 +178,7 @@ class RayNode:
         return len(processes)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        for process in session_processes(self.process.pid):
-            try:
-                process.send_signal(signal.SIGKILL)
-            except Exception:
-                pass
-        if self.process.poll() is None:
-            self.process.wait(timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_ray_start(self.process, self.temp_dir)
 
 
 def alive_nodes(head: RayCluster, *, attempts: int = 5) -> list[dict]:
