@@ -221,6 +221,13 @@ def _dataset_input(description: dict[str, Any]):
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", description["context"])])
 
 
+def _last_steps(client, run_id: str, metrics: dict[str, float]) -> dict[str, int]:
+    """The last step the server holds for each of the run's metrics (MLflow's own ``system/``
+    metrics aside)."""
+    return {key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in metrics if not key.startswith("system/")}
+
+
 class NullTracker:
     """What ranks other than 0 get: the same methods, no side effects."""
 
@@ -267,7 +274,9 @@ class MlflowTracker:
 
     The run is found by name, so a resubmitted or restarted job continues it; metric steps at
     or below the last step already logged for a key are dropped (a restart replays the steps
-    after its checkpoint), so no step appears twice.
+    after its checkpoint), so no step appears twice. After an outage the last steps are read
+    from the server again before anything is resent: a call whose answer was lost may have
+    been stored.
 
     An unreachable tracking server (at start or mid-run) never stops training: one warning,
     metrics, tags and dict artifacts are buffered and sent, in order, once a retry (every
@@ -321,8 +330,7 @@ class MlflowTracker:
                                tags=None if run_id else dict(self._pending_tags))
         found = mlflow.get_run(run.info.run_id)
         data = found.data
-        self._last_step = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
-                           for key in data.metrics if not key.startswith("system/")}
+        self._last_step = _last_steps(client, run.info.run_id, data.metrics)
         # MLflow params are immutable: a resubmission keeps the first values and records
         # what changed as tags (e.g. run.max_steps raised to continue training).
         logged = data.params
@@ -360,6 +368,12 @@ class MlflowTracker:
         try:
             if self.run_id is None:
                 self._open()
+            elif self.down_since is not None:
+                # A call that failed may have reached the server all the same (its answer lost
+                # to the outage, or past our timeout): what it holds now decides what is resent.
+                client = self._mlflow.MlflowClient(self.tracking_uri)
+                self._last_step = _last_steps(client, self.run_id,
+                                              client.get_run(self.run_id).data.metrics)
             while self._pending:
                 metrics, step = self._pending[0]
                 fresh = {k: v for k, v in metrics.items() if step > self._last_step.get(k, -1)}

@@ -13,8 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,53 @@ class MlflowServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         self.process = None
+
+
+class AnswerLosingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``target``. Every request reaches the server; while
+    ``lose`` is set, the answer to a metrics write is dropped and the connection closed, as when
+    a server goes down right after storing a request. ``lost``: answers dropped so far."""
+
+    def __init__(self, target: str) -> None:
+        self.lose, self.lost = False, 0
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                request = urllib.request.Request(target + self.path, data=body or None,
+                                                 method=self.command, headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as answer:
+                        status, answer_headers, payload = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, answer_headers, payload = error.code, error.headers, error.read()
+                if proxy.lose and self.path.endswith("/runs/log-batch"):
+                    proxy.lost += 1
+                    self.close_connection = True  # stored, never answered
+                    return
+                self.send_response(status)
+                for key, value in answer_headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.uri = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
 
 
 @pytest.fixture
@@ -134,6 +184,30 @@ def test_outage_at_start_and_mid_run_buffers_and_catches_up(server, tmp_path, ca
         again.log({"train/loss": 1.0 / step}, step=step)
     again.close()
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 10))
+
+
+@pytest.mark.slow
+def test_a_write_stored_but_never_answered_is_not_sent_again(server, tmp_path):
+    """The chaos run's duplicate step: the server stored a metrics write and went down before
+    answering it; the tracker, back on line, must not send that step again."""
+    server.start()
+    proxy = AnswerLosingProxy(server.uri)
+    try:
+        tracker = MlflowTracker(tracking_uri=proxy.uri, experiment="outage", run_name="lossy",
+                                params={}, system_metrics=False, retry_every_s=0.1,
+                                offline_path=tmp_path / "offline.jsonl")
+        timed_log(tracker, 1)
+        proxy.lose = True
+        timed_log(tracker, 2)
+        assert proxy.lost == 1 and tracker.down_since is not None  # an outage, to the tracker
+        proxy.lose = False
+        time.sleep(0.2)  # past the retry interval
+        timed_log(tracker, 3)
+        tracker.close()
+        history = MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/loss")
+        assert [m.step for m in history] == [1, 2, 3]
+    finally:
+        proxy.stop()
 
 
 @pytest.mark.slow
