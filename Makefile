@@ -42,12 +42,12 @@ models: $(STAMP)
 	$(BIN)/t2t-dist models
 
 # The default run: everything that needs no GPU and no Slurm install. Two pytest processes
-# (pytest-xdist): the Ray tests spend much of their time waiting on Ray, the other process fills
-# it. Each process starts its own Ray cluster; a module with an expensive module-scoped fixture
-# stays in one process (xdist_group). TEST_WORKERS=0 runs in this process alone.
+# (pytest-xdist), each with its own Ray cluster, each taking whole test modules (a module's
+# fixtures, e.g. its trained runs, are built once) in the order tests/conftest.py gives them:
+# the Ray-heavy modules first. TEST_WORKERS=0 runs in this process alone.
 TEST_WORKERS ?= 2
 test: compiler $(STAMP) $(CHECKOV)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The soak tests, not part of `make test`: a node lost and regrown on a two-node Ray cluster
 # on this host (~7-9 min on 2 cores), and the chaos run (~25-30 min; README, "Tests").

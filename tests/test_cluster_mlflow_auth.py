@@ -22,8 +22,7 @@ pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (
 from mlflow_auth import (ADMIN, ADMIN_PASSWORD, TRAINING, TRAINING_PASSWORD,  # noqa: E402
                          basic_auth_server, no_password_in, run_script, status_of)
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.xdist_group("mlflow_auth_server")]  # one server for the module
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from test_cluster_k8s import DOCUMENTS, KUBERNETES_VERSION, ROOT, rendered_pods
 
 PODS = rendered_pods()
 POD_IDS = [name for name, _ in PODS]
-pytestmark = pytest.mark.xdist_group("checkov")  # one checkov run for the module
 IMAGE_UIDS = {"registry.example.com/t2t-dist:0.1.0": 10001,  # cluster/Dockerfile, target train
               "registry.example.com/t2t-dist-mlflow:0.1.0": 10001,  # target mlflow
               "postgres:17.6": 999}  # the official image's `postgres` user

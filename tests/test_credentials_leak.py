@@ -26,7 +26,6 @@ from mlflow_auth import (ADMIN, ADMIN_PASSWORD, PASSWORDS, TRAINING, TRAINING_PA
 from ray_cluster import DRIVER_ENV
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
-pytestmark = pytest.mark.xdist_group("mlflow_auth_job")  # one server and its user for the module
 
 
 @pytest.fixture(scope="module")

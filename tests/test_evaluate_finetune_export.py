@@ -31,8 +31,7 @@ import evaluate as evaluate_job  # noqa: E402  (jobs/evaluate.py)
 import finetune as finetune_job  # noqa: E402  (jobs/finetune.py)
 
 STEPS = 40
-pytestmark = [pytest.mark.ray, pytest.mark.slow,
-              pytest.mark.xdist_group("source_runs")]  # the trained runs, once per module
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def source_run(name, zero_stage, tmp, digits):

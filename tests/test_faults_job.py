@@ -7,9 +7,9 @@ cluster), ended from outside and run again with the same command:
   every metric step logged once; the MLflow run then explains itself (source tags, datasets,
   the architecture as built, each model once with a signature); and once more, the finished
   run says so in one line, in seconds, without Ray;
-- Ctrl-C (SIGINT to the job's process group, and to its Ray workers) and SIGTERM (to the
-  driver): a checkpoint of that step, the MLflow run KILLED, exit 130 / 143, the same command
-  resumes there.
+- Ctrl-C (SIGINT to the job's process group, and to its Ray workers), then SIGTERM (to the
+  driver) on the resumed run: each time a checkpoint of that step, the MLflow run KILLED,
+  exit 130 / 143, and the same command resumes there.
 """
 
 from __future__ import annotations
@@ -171,53 +171,65 @@ def test_killed_driver_resumes_at_its_last_complete_checkpoint_then_reruns_in_se
     assert took < 60  # generous: ~3 s on an idle 2-core machine, most of it imports
 
 
-@pytest.mark.ray(cpus=2)
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_checkpoints_that_step_and_the_same_command_resumes(
-        ray_cluster, digits_shards, tmp_path, signum):
-    """Ctrl-C in a terminal: SIGINT to its foreground process group. The driver runs in a
-    session of its own; the job's Ray workers (in process groups of their own under Ray) get
-    it too. SIGTERM, to the driver alone: what Slurm's SIGUSR1 becomes (``ray_on_slurm.py``
-    forwards it as SIGTERM). Both end the same way: ``stop.stop_on_signals``."""
+def stop_with(signum, argv, env, cluster, run_dir, after: int = 0) -> int:
+    """Run the job and stop it with ``signum`` at its first progress line past step ``after``:
+    Ctrl-C (SIGINT to its process group and to its Ray workers) or SIGTERM (to the driver).
+    Checks how it ended; returns the step of the checkpoint it stopped with."""
     name = signal.Signals(signum).name
-    argv = job_argv(digits_shards, tmp_path, "run.name=stopped-job", "run.stop_check_every=2",
-                    "run.checkpoint_every=100", "optim.epochs=10", f"run.max_steps={MAX_STEPS}")
-    env, run_dir = ray_cluster.env(), tmp_path / "runs" / "stopped-job"
     started = time.time() - 1
-    first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(argv, cwd=run_dir.parents[1], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, workers = [], []
-    for line in first.stdout:  # the workers train: the driver is inside fit
+    for line in job.stdout:  # the workers train: the driver is inside fit
         lines.append(line)
-        if re.match(r"step [1-9]\d*/\d+ \|", line):
+        progress = re.match(r"step (\d+)/\d+ \|", line)
+        if progress and int(progress[1]) > after:
             if signum == signal.SIGINT:
-                workers = train_worker_pids(ray_cluster.process.pid, started)
-                os.killpg(first.pid, signal.SIGINT)
+                workers = train_worker_pids(cluster.process.pid, started)
+                os.killpg(job.pid, signal.SIGINT)
                 for pid in workers:
                     os.kill(pid, signal.SIGINT)
             else:
-                first.send_signal(signal.SIGTERM)
+                job.send_signal(signal.SIGTERM)
             break
-    lines += first.stdout.readlines()
+    lines += job.stdout.readlines()
     output = "".join(lines)
-    assert first.wait(timeout=120) == 128 + signum, output[-3000:]
+    assert job.wait(timeout=120) == 128 + signum, output[-3000:]
     assert signum != signal.SIGINT or len(workers) == 2, workers
     assert f"{name} received: the workers commit a checkpoint" in output
+    assert re.findall(r"resumed at step (\d+)", output) == ([str(after)] if after else [])
     [stopped] = re.findall(rf"pretrain: stopped on {name} at step (\d+) with checkpoint \S+"
                            r"checkpoint_step_(\d+); the same command resumes stopped-job", output)
     step = int(stopped[0])
-    assert stopped[1] == f"{step:08d}" and 0 < step < MAX_STEPS and step % 2 == 0, output[-3000:]
+    assert stopped[1] == f"{step:08d}" and after < step < MAX_STEPS and step % 2 == 0, output[-3000:]
     assert complete_checkpoint(run_dir) == f"checkpoint_step_{step:08d}"
+    return step
+
+
+@pytest.mark.ray(cpus=2)
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_checkpoint_that_step_and_the_same_command_resumes(
+        ray_cluster, digits_shards, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to its foreground process group. The driver runs in a
+    session of its own; the job's Ray workers (in process groups of their own under Ray) get
+    it too. SIGTERM, to the driver alone: what Slurm's SIGUSR1 becomes (``ray_on_slurm.py``
+    forwards it as SIGTERM). Both end the same way (``stop.stop_on_signals``): stopped by
+    Ctrl-C, resumed and stopped by SIGTERM, resumed to the end, one MLflow run throughout."""
+    argv = job_argv(digits_shards, tmp_path, "run.name=stopped-job", "run.stop_check_every=2",
+                    "run.checkpoint_every=100", "optim.epochs=10", f"run.max_steps={MAX_STEPS}")
+    env, run_dir = ray_cluster.env(), tmp_path / "runs" / "stopped-job"
+    interrupted = stop_with(signal.SIGINT, argv, env, ray_cluster, run_dir)
     client, run = mlflow_run(tmp_path, "stopped-job")
     assert run.info.status == "KILLED"
+    terminated = stop_with(signal.SIGTERM, argv, env, ray_cluster, run_dir, after=interrupted)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
 
-    second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    output = second.stdout + second.stderr
-    assert second.returncode == 0, output[-3000:]
-    assert re.findall(r"resumed at step (\d+)", output) == [str(step)]
-    assert f"finished stopped-job: step {MAX_STEPS}" in second.stdout
+    last = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    output = last.stdout + last.stderr
+    assert last.returncode == 0, output[-3000:]
+    assert re.findall(r"resumed at step (\d+)", output) == [str(terminated)]
+    assert f"finished stopped-job: step {MAX_STEPS}" in last.stdout
     [again] = client.search_runs([run.info.experiment_id],
                                  filter_string=f"tags.`{RUN_NAME_TAG}` = 'stopped-job'")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
