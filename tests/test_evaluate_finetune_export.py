@@ -2,13 +2,15 @@
 a local Ray cluster (t2t_vit_tiny, digits at 32 px) serves every test here.
 
 - evaluating its last checkpoint with 1 and with 2 workers scores exactly what the in-training
-  evaluation of that step scored (also for a ZeRO-2 run, as `make demo` trains);
+  evaluation of that step scored (also for a ZeRO-0 run, as `make demo` trains);
+- its ZeRO-3 shards, consolidated by DeepSpeed's zero_to_fp32, give the numbers it logged;
 - `t2t-dist export` equals the live model's weights (the consolidated fp32 weights the run logged
   to MLflow at its end), loads strictly, round-trips through safetensors and the registry;
 - fine-tuning from the run (and from a file in the released layout) at 48 px on a 5-class
   ImageFolder tree runs through Ray + DeepSpeed and improves over the first epoch.
 """
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from t2t_dist.export import resolve_weights
 from t2t_dist.launch import launch, prepare
 from t2t_dist.models import create_model
 from t2t_dist.tracking import RUN_NAME_TAG
+from test_pretrain import assert_metrics_match, evaluate_here
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import evaluate as evaluate_job  # noqa: E402  (jobs/evaluate.py)
@@ -111,6 +114,29 @@ def test_evaluate_scores_what_training_scored_at_that_step(request, zero_stage, 
         assert metrics["eval/top5"] == pytest.approx(trained[f"{prefix}/top5"], abs=one_image)
         assert metrics["eval/loss"] == pytest.approx(trained[f"{prefix}/loss"], rel=1e-4)
     assert tags["source"] == str(source_run.checkpoint) and tags["source_step"] == str(STEPS)
+
+
+def test_zero3_shards_every_rank_and_holds_the_evaluated_weights(run, digits_shards):
+    """ZeRO-3 partitions the parameters too; DeepSpeed's own zero_to_fp32 consolidates the
+    shards into the weights the run evaluated: they give its logged validation numbers."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = run.checkpoint / "state"
+    for rank in (0, 1):
+        assert (state / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+        assert len(list(state.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))) == 1
+    losses = run.client.get_metric_history(run.run_id, "train/loss")
+    assert [m.step for m in losses] == [10, 20, 30, 40]
+    assert all(math.isfinite(m.value) for m in losses)
+    model = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoint),
+                                                                   tag="state"))
+    assert_metrics_match(run.result.metrics, "val",
+                         evaluate_here(model, digits_shards["val"], torch.bfloat16))
+    ema = create_model("t2t_vit_tiny", img_size=32, num_classes=10)
+    ema.load_state_dict(torch.load(run.checkpoint / "ema.pt", weights_only=False)["shadow"])
+    here = evaluate_here(ema, digits_shards["val"], torch.float32)
+    assert run.result.metrics["val_ema/top1"] == pytest.approx(here["top1"], abs=1e-9)
 
 
 def test_evaluate_refuses_another_variant_of_our_checkpoint(run, capsys):
