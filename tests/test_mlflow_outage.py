@@ -1,6 +1,7 @@
 """MLflow unreachable at start and mid-run: training goes on, one warning per outage, the
-metrics are buffered and arrive (each step once, in order) when the server is back; still
-down at the end: written to a local file whose path the warning gives.
+metrics are buffered and arrive (each step once, in order) when the server is back, also a
+write the server stored but never answered (a proxy drops that answer); still down at the end:
+written to a local file whose path the warning gives.
 
 A real ``mlflow server`` (sqlite backend, artifacts served) on a free port, stopped and
 started again on the same port and store; the tracker runs in this process.
@@ -91,6 +92,9 @@ class AnswerLosingProxy:
                         status, answer_headers, payload = answer.status, answer.headers, answer.read()
                 except urllib.error.HTTPError as error:
                     status, answer_headers, payload = error.code, error.headers, error.read()
+                except urllib.error.URLError:  # the server is down
+                    self.send_error(502)
+                    return
                 if proxy.lose and self.path.endswith("/runs/log-batch"):
                     proxy.lost += 1
                     self.close_connection = True  # stored, never answered
@@ -187,15 +191,18 @@ def test_outage_at_start_and_mid_run_buffers_and_catches_up(server, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_a_write_stored_but_never_answered_is_not_sent_again(server, tmp_path):
-    """The chaos run's duplicate step: the server stored a metrics write and went down before
-    answering it; the tracker, back on line, must not send that step again."""
+def test_a_lost_answer_is_not_resent_and_what_stays_unsent_is_written_locally(server, tmp_path,
+                                                                            capfd):
+    """A metrics write the server stored but never answered (the chaos run's duplicate step: the
+    server went down in between) is not sent again once the server answers; what a server still
+    down at the end never got is written to a local file, whose path the warning gives."""
     server.start()
     proxy = AnswerLosingProxy(server.uri)
+    offline = tmp_path / "offline.jsonl"
     try:
         tracker = MlflowTracker(tracking_uri=proxy.uri, experiment="outage", run_name="lossy",
                                 params={}, system_metrics=False, retry_every_s=0.1,
-                                offline_path=tmp_path / "offline.jsonl")
+                                offline_path=offline)
         timed_log(tracker, 1)
         proxy.lose = True
         timed_log(tracker, 2)
@@ -203,30 +210,22 @@ def test_a_write_stored_but_never_answered_is_not_sent_again(server, tmp_path):
         proxy.lose = False
         time.sleep(0.2)  # past the retry interval
         timed_log(tracker, 3)
-        tracker.close()
+        assert tracker.down_since is None
         history = MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2, 3]
+
+        server.stop()
+        for step in (4, 5):
+            timed_log(tracker, step)
+        tracker.close("FINISHED")
     finally:
         proxy.stop()
-
-
-@pytest.mark.slow
-def test_still_down_at_the_end_is_written_locally(server, tmp_path, capfd):
-    server.start()
-    tracker = MlflowTracker(tracking_uri=server.uri, experiment="outage", run_name="gone",
-                            params={}, system_metrics=False, retry_every_s=0.5,
-                            offline_path=tmp_path / "offline.jsonl")
-    timed_log(tracker, 1)
-    server.stop()
-    for step in (2, 3):
-        timed_log(tracker, step)
-    tracker.close("FINISHED")
     lines = warnings(capfd)
-    assert len(lines) == 2 and str(tmp_path / "offline.jsonl") in lines[1]
-    records = [json.loads(line) for line in (tmp_path / "offline.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and str(offline) in lines[2]
+    records = [json.loads(line) for line in offline.read_text().splitlines()]
     assert records[0]["run_id"] == tracker.run_id and records[0]["status"] == "FINISHED"
-    assert [r["step"] for r in records[1:]] == [2, 3]
-    assert records[1]["metrics"] == {"train/loss": 0.5, "train/lr": 0.2}
+    assert [r["step"] for r in records[1:]] == [4, 5]
+    assert records[1]["metrics"] == {"train/loss": 0.25, "train/lr": 0.4}
 
 
 @pytest.mark.ray(cpus=2)
