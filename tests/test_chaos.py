@@ -9,7 +9,7 @@ a few more steps:
   the workers read from it, then started again;
 - ``mlflow_outage``: the MLflow server stopped while the job trains 8-15 steps, then started
   again (recovered once the tracker's next retry has sent what it buffered);
-- ``torn_checkpoint``: a worker SIGKILLed and, before the group restarts, the newest
+- ``torn_checkpoint``: the workers SIGKILLed and, before the group restarts, the newest
   checkpoint's model file truncated to half (the one Ray Train registered and the newest that
   every rank completed): the restart must skip it and resume from the one before;
 - ``sigterm``: SIGTERM to the job's driver (it checkpoints and exits 143), then the same
@@ -35,6 +35,7 @@ Not in the default run (``make soak``): ~20 min on the 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -207,9 +208,13 @@ class Chaos:
         return {"down_s": round(down, 1), "steps_while_down": trained - at}
 
     def torn_checkpoint(self, at: int) -> dict:
-        """A worker lost while the newest checkpoint is torn: the one Ray Train registered and
-        the newest complete one (by our commit markers), truncated before the group restarts."""
-        self.kill_a_worker()  # from here on no checkpoint completes
+        """The workers lost while the newest checkpoint is torn: the one Ray Train registered
+        and the newest complete one (by our commit markers), truncated before the group
+        restarts. Every worker at once: a survivor could still complete the checkpoint it was
+        writing (seen once: the one after those torn, which the job rightly resumed from)."""
+        for pid in self.worker_pids():  # from here on no checkpoint completes
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).send_signal(signal.SIGKILL)
         names = {registered_checkpoint(self.run_dir), newest_complete(self.run_dir)} - {""}
         sizes = {}
         for name in names:
