@@ -208,14 +208,18 @@ class Chaos:
         return {"down_s": round(down, 1), "steps_while_down": trained - at}
 
     def torn_checkpoint(self, at: int) -> dict:
-        """The workers lost while the newest checkpoint is torn: the one Ray Train registered
-        and the newest complete one (by our commit markers), truncated before the group
-        restarts. Every worker at once: a survivor could still complete the checkpoint it was
-        writing (seen once: the one after those torn, which the job rightly resumed from)."""
+        """The workers lost while the newest checkpoints are torn: the one Ray Train registered
+        and every newer one all ranks completed (by our commit markers; under load Ray Train's
+        registration lags by several), truncated before the group restarts. Every worker at
+        once: a survivor could complete a checkpoint whose other part was already written."""
         for pid in self.worker_pids():  # from here on no checkpoint completes
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).send_signal(signal.SIGKILL)
-        names = {registered_checkpoint(self.run_dir), newest_complete(self.run_dir)} - {""}
+        registered = registered_checkpoint(self.run_dir)
+        floor = checkpoint_step(registered) if registered else 0
+        complete = {folder.name for folder in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                    if checkpoint_step(folder.name) >= floor and not missing_parts(folder)}
+        names = ({registered} | complete) - {""}
         sizes = {}
         for name in names:
             model = self.run_dir / name / "state" / "mp_rank_00_model_states.pt"
@@ -250,12 +254,6 @@ class Chaos:
             record.update(recover_s=round(time.monotonic() - started, 1), next_step=after)
             self.records.append(record)
             print(f"fault {len(self.records):2d}: {record}", flush=True)
-
-
-def newest_complete(run_dir: Path) -> str:
-    """The newest checkpoint folder every rank completed ("" when none is)."""
-    return next((folder.name for folder in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
-                 if not missing_parts(folder)), "")
 
 
 @pytest.fixture
