@@ -10,8 +10,8 @@ a few more steps:
 - ``mlflow_outage``: the MLflow server stopped while the job trains 8-15 steps, then started
   again (recovered once the tracker's next retry has sent what it buffered);
 - ``torn_checkpoint``: the workers SIGKILLed and, before the group restarts, the newest
-  checkpoint's model file truncated to half (the one Ray Train registered and the newest that
-  every rank completed): the restart must skip it and resume from the one before;
+  checkpoints' model files truncated to half (the one Ray Train registered and every newer one
+  that every rank completed): the restart must skip them and resume from the one before;
 - ``sigterm``: SIGTERM to the job's driver (it checkpoints and exits 143), then the same
   command again.
 
