@@ -59,11 +59,12 @@ def basic_auth_server(folder: Path):
                      "--allowed-hosts": f"--allowed-hosts=127.0.0.1:{port},localhost:{port}"
                      }.get(option, arg))
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update({variable["name"]: variable["value"] for variable in container["env"]
+                if "value" in variable})  # the pod's own settings (no telemetry, no job runner)
     env.update(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{folder}/mlflow.db",
                MLFLOW_AUTH_CONFIG_PATH=str(folder / "basic_auth.ini"),
                MLFLOW_AUTH_ADMIN_USERNAME=ADMIN, MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
-               MLFLOW_FLASK_SERVER_SECRET_KEY=SECRET_KEY, MLFLOW_DISABLE_TELEMETRY="true",
-               HOME=str(folder), TMPDIR=str(folder))
+               MLFLOW_FLASK_SERVER_SECRET_KEY=SECRET_KEY, HOME=str(folder), TMPDIR=str(folder))
     log = open(folder / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--workers=1"],
                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder,

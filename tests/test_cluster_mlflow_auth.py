@@ -94,6 +94,7 @@ def test_training_user_is_created_then_updated_and_logs_runs(server, monkeypatch
 
 
 def test_no_password_on_the_servers_command_lines_or_in_its_log(server):
+    command_lines = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -104,4 +105,8 @@ def test_no_password_on_the_servers_command_lines_or_in_its_log(server):
         except (OSError, ProcessLookupError):
             continue
         assert no_password_in(command_line), command_line
+        command_lines.append(command_line)
+    # The server and its one worker; no MLflow job runner (the manifest turns it off).
+    assert len(command_lines) == 2 and not [line for line in command_lines
+                                            if "huey" in line or "job_runner" in line], command_lines
     assert no_password_in((server["folder"] / "server.log").read_text())

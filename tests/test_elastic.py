@@ -135,6 +135,11 @@ def run_ranks(world, task):
     mp.spawn(_rank_entry, args=(world, port, task), nprocs=world, join=True)
 
 
+def in_turn(tasks):
+    for task in tasks:
+        task()
+
+
 # Largest loss gap in steps 3-4 (measured <= 4.1e-6 at every stage). ZeRO-3 was 4.5-4.7e-5
 # until DeepSpeed's universal load was found to give both param groups one shared Adam step
 # tensor, which torch's AdamW then advanced twice per step (the checkpointer gives each its
@@ -148,19 +153,44 @@ LOSS_GAP = {0: 1e-5, 1: 1e-5, 2: 1e-5, 3: 1e-5}
 BF16_LOSS_GAP = 1e-3
 
 
+# (ZeRO stage, world size saved on, world size resumed on, precision)
+CASES = [(1, 2, 1, "fp32"), (2, 2, 1, "fp32"), (2, 1, 2, "fp32"), (0, 2, 1, "fp32"),
+         (3, 2, 1, "fp32"), (3, 1, 2, "fp32"),
+         (0, 2, 1, "bf16")]  # the shipped default: autocast over fp32 weights
+
+
+@pytest.fixture(scope="module")
+def elastic_runs(digits_shards, tmp_path_factory):
+    """Every case's two runs, in three groups of rank processes rather than two per case (each
+    process start imports torch and DeepSpeed): 2 ranks run the straight runs saved on 2, then
+    1 rank the straight runs saved on 1 and the resumes on 1, then 2 ranks the resumes on 2.
+    Each run builds its own engine, model and loader from its seed; a folder per case."""
+    root = tmp_path_factory.mktemp("elastic")
+    folders = {case: root / "-".join(map(str, case)) for case in CASES}
+    for folder in folders.values():
+        folder.mkdir()
+
+    def runs(kind, world_of, world):
+        return [functools.partial(kind, digits_shards, case[0], case[3], folders[case])
+                for case in CASES if world_of(case) == world]
+
+    saved_on, resumed_on = (lambda case: case[1]), (lambda case: case[2])
+    run_ranks(2, functools.partial(in_turn, runs(straight_run, saved_on, 2)))
+    run_ranks(1, functools.partial(in_turn, runs(straight_run, saved_on, 1)
+                                   + runs(resumed_run, resumed_on, 1)))
+    run_ranks(2, functools.partial(in_turn, runs(resumed_run, resumed_on, 2)))
+    return folders
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, saved_world, resumed_world, precision",
-                         [(1, 2, 1, "fp32"), (2, 2, 1, "fp32"), (2, 1, 2, "fp32"), (0, 2, 1, "fp32"),
-                          (3, 2, 1, "fp32"), (3, 1, 2, "fp32"),
-                          (0, 2, 1, "bf16")])  # the shipped default: autocast over fp32 weights
-def test_resume_on_another_world_size(digits_shards, tmp_path, stage, saved_world, resumed_world,
+@pytest.mark.parametrize("stage, saved_world, resumed_world, precision", CASES)
+def test_resume_on_another_world_size(elastic_runs, stage, saved_world, resumed_world,
                                       precision):
-    run_ranks(saved_world, functools.partial(straight_run, digits_shards, stage, precision, tmp_path))
-    run_ranks(resumed_world, functools.partial(resumed_run, digits_shards, stage, precision, tmp_path))
-    straight = torch.load(tmp_path / "straight.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
-    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
-    loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    folder = elastic_runs[stage, saved_world, resumed_world, precision]
+    straight = torch.load(folder / "straight.pt", weights_only=False)
+    resumed = torch.load(folder / "resumed.pt", weights_only=False)
+    saved = torch.load(folder / "saved.pt", weights_only=False)
+    loaded = torch.load(folder / "loaded.pt", weights_only=False)
     # What was saved is what was loaded: fp32 masters, frozen tensors and buffers.
     assert loaded["weights"].keys() == saved["weights"].keys()
     for name, tensor in saved["weights"].items():

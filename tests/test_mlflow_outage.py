@@ -30,6 +30,11 @@ from t2t_dist.tracking import FAST_FAIL_ENV, MlflowTracker
 VENV_BIN = Path(sys.executable).parent
 
 
+# A tracking server as cluster/k8s/mlflow.yaml runs it: without MLflow's job runner (8 more
+# processes importing MLflow at every start, for GenAI jobs a training run never makes).
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1:port over an sqlite file; ``start``/``stop`` keep both."""
 
@@ -46,7 +51,8 @@ class MlflowServer:
         log = open(self.folder / "server.log", "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                         cwd=self.folder, start_new_session=True,
-                                        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+                                        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                                             **SERVER_ENV})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
