@@ -111,12 +111,35 @@ OURS = re.compile(r"training t2t_vit_mini for \d+ steps|step \d+/\d+ \||eval  \|
                   r"checkpoints: |MLflow: ")
 
 
+def submit(cluster, submission: str, env_vars: dict[str, str], script: str, *args: str,
+           working_dir: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``python <script> <args>`` to ``cluster``, as a user types it."""
+    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+               "--submission-id", submission, "--runtime-env-json",
+               json.dumps({"env_vars": env_vars}), *(["--working-dir", "."] if working_dir else []),
+               "--", "python", script, *args]
+    return subprocess.run(command, cwd=cwd, env=cluster.env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def submitted_run(tracking: str, name: str, submission: str) -> None:
+    """The MLflow run knows which submission made it, and holds the step's loss once."""
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(load_config(DEMO).run.experiment)
+    [run] = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    assert run.data.tags["ray_submission_id"] == submission
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_another_model_after_the_demo_starts_its_own_run(ray_cluster, tmp_path):
+    """The demo as `make demo` runs it, then the README's first command for another model,
+    `ray job submit -- python jobs/pretrain.py --model ...` (no --working-dir: the script by
+    its path, the run beside the demo's), then the same run name for another model."""
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     env = _job_env(ray_cluster, tmp_path / "cache", tracking)
-    job = [sys.executable, str(REPO / "jobs" / "pretrain.py"), *SHORT]
     # The demo as `make demo` runs it (its models logged), cut to two steps.
     demo = subprocess.run([sys.executable, str(REPO / "jobs" / "pretrain.py"), *SHORT[:2],
                            *SHORT[4:]], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -135,19 +158,28 @@ def test_another_model_after_the_demo_starts_its_own_run(ray_cluster, tmp_path):
     assert os.access(tmp_path / command.split()[0], os.X_OK)  # an absolute path stays one
     assert re.fullmatch(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}", page)
 
-    other = subprocess.run(job + ["--model", "t2t_vit_tiny", "--set", "scaling.num_workers=1"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    submission = f"t2t-other-{uuid.uuid4().hex[:8]}"
+    other = submit(ray_cluster, submission, {"T2T_DIST_CACHE": str(tmp_path / "job-cache"),
+                                             "MLFLOW_TRACKING_URI": tracking},
+                   str(REPO / "jobs" / "pretrain.py"), *SHORT, "--model", "t2t_vit_tiny",
+                   "--set", "scaling.num_workers=1", "--set", f"run.storage_path={tmp_path}/runs",
+                   cwd=tmp_path)
     output = other.stdout + other.stderr
-    assert other.returncode == 0, output[-3000:]
+    assert other.returncode == 0, output[-4000:]
+    assert f"Job '{submission}' succeeded" in output
     # Ray's own detached PlacementGroupCleaner logs a traceback when several Ray clusters run
     # on one host (it cannot tell which is its own): not ours, and not seen with one cluster.
     ours = [line for line in output.splitlines() if "PlacementGroupCleaner" not in line]
     assert not [line for line in ours if "Traceback" in line], output[-3000:]
     assert "resumed at step" not in output
-    assert "finished t2t_vit_tiny-32px-10cls: step 2" in other.stdout
+    assert "finished t2t_vit_tiny-32px-10cls: step 2" in output
+    assert (tmp_path / "job-cache" / "digits-32px" / "patterns.json").is_file()  # the job's env
+    assert (tmp_path / "runs" / "t2t_vit_tiny-32px-10cls").is_dir()
+    submitted_run(tracking, "t2t_vit_tiny-32px-10cls", submission)
 
     # The same run name for another model: refused in one line, before Ray, nothing touched.
     saved = (tmp_path / "runs" / "t2t_vit_mini-32px-10cls" / "t2t_config.yaml").read_text()
+    job = [sys.executable, str(REPO / "jobs" / "pretrain.py"), *SHORT]
     clash = subprocess.run(job + ["--model", "t2t_vit_tiny", "--set", "run.name=t2t_vit_mini-32px-10cls"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert clash.returncode == 2
@@ -157,29 +189,19 @@ def test_another_model_after_the_demo_starts_its_own_run(ray_cluster, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("working_dir", [True, False], ids=["working-dir", "no-working-dir"])
-def test_default_job_under_ray_job_submit(ray_cluster, tmp_path, working_dir):
+def test_default_job_under_ray_job_submit_with_its_working_dir(ray_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/pretrain.py`: the repository uploaded, the
+    script by its relative path. (Without --working-dir: the test above.)"""
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    runtime_env = {"env_vars": {"T2T_DIST_CACHE": str(tmp_path / "cache"),
-                                "MLFLOW_TRACKING_URI": tracking}}
     submission = f"t2t-first-{uuid.uuid4().hex[:8]}"
-    script = "jobs/pretrain.py" if working_dir else str(REPO / "jobs" / "pretrain.py")
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
-               "--submission-id", submission, "--runtime-env-json", json.dumps(runtime_env),
-               *(["--working-dir", "."] if working_dir else []), "--",
-               "python", script, *SHORT, "--set", f"run.storage_path={tmp_path}/runs"]
-    done = subprocess.run(command, cwd=REPO if working_dir else tmp_path, env=ray_cluster.env(),
-                          capture_output=True, text=True, timeout=600)
+    done = submit(ray_cluster, submission, {"T2T_DIST_CACHE": str(tmp_path / "cache"),
+                                            "MLFLOW_TRACKING_URI": tracking},
+                  "jobs/pretrain.py", *SHORT, "--set", f"run.storage_path={tmp_path}/runs",
+                  working_dir=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert f"Job '{submission}' succeeded" in output
     assert "finished t2t_vit_mini-32px-10cls: step 2" in output
     assert (tmp_path / "cache" / "digits-32px" / "patterns.json").is_file()
     assert os.path.isdir(tmp_path / "runs" / "t2t_vit_mini-32px-10cls")
-    # The MLflow run knows which submission made it, and holds the step's loss once.
-    client = MlflowClient(tracking)
-    experiment = client.get_experiment_by_name(load_config(DEMO).run.experiment)
-    [run] = client.search_runs([experiment.experiment_id],
-                               filter_string=f"tags.`{RUN_NAME_TAG}` = 't2t_vit_mini-32px-10cls'")
-    assert run.data.tags["ray_submission_id"] == submission
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2]
+    submitted_run(tracking, "t2t_vit_mini-32px-10cls", submission)
