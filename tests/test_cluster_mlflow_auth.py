@@ -92,6 +92,16 @@ def test_training_user_is_created_then_updated_and_logs_runs(server, monkeypatch
     with pytest.raises(MlflowException, match="401|Unauthorized|UNAUTHENTICATED"):
         mlflow.MlflowClient(tracking_uri=uri).get_experiment(experiment)
 
+    # The server caches checks that passed (basic_auth.ini): the password just used, changed
+    # by the script, stops working at once (one worker here, the one that changed it).
+    changed = run_script(uri, ADMIN, ADMIN_PASSWORD, password="t2t-test-training-password-new")
+    assert changed.returncode == 0 and "updated (password)" in changed.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", TRAINING_PASSWORD)
+    with pytest.raises(MlflowException, match="401|Unauthorized|UNAUTHENTICATED"):
+        mlflow.MlflowClient(tracking_uri=uri).get_experiment(experiment)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "t2t-test-training-password-new")
+    assert mlflow.MlflowClient(tracking_uri=uri).get_experiment(experiment).name == "t2t-auth-test"
+
 
 def test_no_password_on_the_servers_command_lines_or_in_its_log(server):
     command_lines = []

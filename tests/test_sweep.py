@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from t2t_dist.checkpoint import missing_parts
 from t2t_dist.config import load_config
 from t2t_dist.launch.report import (BEST_CONFIG_NAME, CSV_NAME, PLOT_NAME, STATUS_TAG,
                                     STOP_REASON_TAG, SWEEP_TAG)
@@ -65,6 +66,17 @@ def history_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+def completed_a_checkpoint(run_dir: Path) -> bool:
+    """Whether every rank completed a checkpoint of this Train run (what a restart resumes)."""
+    for folder in run_dir.glob("checkpoint_step_*"):
+        try:
+            if not missing_parts(folder):
+                return True
+        except OSError:  # being written
+            continue
+    return False
+
+
 def at_epoch(client, run_id, epoch, key="val/top1"):
     """A trial's ``key`` at the end of ``epoch`` (23 steps each)."""
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}[23 * epoch]
@@ -88,14 +100,15 @@ def test_readme_sweep_killed_once_resumes_learns_and_asha_stops_the_worse(
     log_path = tmp_path / "sweep.log"
     started = time.perf_counter()
     process = start_sweep(config_path, ray_cluster, log_path, overrides)
-    # Kill the driver once a trial has finished and another has reported an epoch.
+    # Kill the driver once a trial has finished and another has checkpointed an epoch end (its
+    # evaluation is logged before the checkpoint is written: seen killed in between).
     deadline = time.monotonic() + 600
     finished = interrupted = None
     while time.monotonic() < deadline and process.poll() is None:
         client, _, kids = children(tmp_path, name)
         finished = [k for k in kids if k.info.status == "FINISHED"]
-        running = [k for k in kids if k.info.status == "RUNNING"
-                   and history_steps(client, k.info.run_id, "val/top1")]
+        running = [k for k in kids if k.info.status == "RUNNING" and completed_a_checkpoint(
+            tmp_path / "runs" / name / "train" / k.data.tags[RUN_NAME_TAG])]
         if finished and running:
             interrupted = running[0]
             break
