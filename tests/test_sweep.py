@@ -66,15 +66,16 @@ def history_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def completed_a_checkpoint(run_dir: Path) -> bool:
-    """Whether every rank completed a checkpoint of this Train run (what a restart resumes)."""
-    for folder in run_dir.glob("checkpoint_step_*"):
+def checkpointed_epoch(run_dir: Path) -> int:
+    """The epoch of the newest checkpoint every rank completed (what a restart resumes from),
+    -1 if none."""
+    for folder in sorted(run_dir.glob("checkpoint_step_*"), reverse=True):
         try:
             if not missing_parts(folder):
-                return True
+                return int(folder.name.rsplit("_", 1)[1]) // 23
         except OSError:  # being written
             continue
-    return False
+    return -1
 
 
 def at_epoch(client, run_id, epoch, key="val/top1"):
@@ -100,21 +101,23 @@ def test_readme_sweep_killed_once_resumes_learns_and_asha_stops_the_worse(
     log_path = tmp_path / "sweep.log"
     started = time.perf_counter()
     process = start_sweep(config_path, ray_cluster, log_path, overrides)
-    # Kill the driver once a trial has finished and another has checkpointed an epoch end (its
-    # evaluation is logged before the checkpoint is written: seen killed in between).
+    # Kill the driver once a trial has finished and another has just checkpointed an epoch that
+    # is not one of ASHA's rungs (2 and 4), so ASHA cannot stop it before the kill and it must
+    # be resumed. (Seen otherwise: killed right after an epoch-2 report that ASHA stopped; or
+    # after an evaluation was logged but before its checkpoint was written.)
     deadline = time.monotonic() + 600
     finished = interrupted = None
     while time.monotonic() < deadline and process.poll() is None:
         client, _, kids = children(tmp_path, name)
         finished = [k for k in kids if k.info.status == "FINISHED"]
-        running = [k for k in kids if k.info.status == "RUNNING" and completed_a_checkpoint(
-            tmp_path / "runs" / name / "train" / k.data.tags[RUN_NAME_TAG])]
+        running = [k for k in kids if k.info.status == "RUNNING" and checkpointed_epoch(
+            tmp_path / "runs" / name / "train" / k.data.tags[RUN_NAME_TAG]) in (1, 3, 5, 6, 7)]
         if finished and running:
             interrupted = running[0]
             break
-        time.sleep(1)
+        time.sleep(0.25)
     assert interrupted is not None, log_path.read_text()[-5000:]
-    time.sleep(2)  # let Tune save its state (TUNE_GLOBAL_CHECKPOINT_S=1)
+    time.sleep(1)  # let Tune save its state (TUNE_GLOBAL_CHECKPOINT_S=1); an epoch takes longer
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     # Nothing the killed sweep reserved stays reserved: by Ray's state API (addressed to this
