@@ -35,8 +35,8 @@ VENV_BIN = Path(sys.executable).parent
 # default, and a run's end waits for that poll (measured: 4.3 s from the last worker line to the
 # driver's, 0.9 s at 0.25 s); Ray Train hands it from the driver to its controller.
 # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: an actor per run that polls Ray for nodes being drained
-# (spot reclaims), which a machine of its own never sees: 1.4 s of CPU per run (measured on an
-# idle machine), some 60 s of the suite's.
+# (spot reclaims), which a machine of its own never sees: a process per run, 1.4 s of CPU each
+# (measured on an idle machine).
 DRIVER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
               "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1",
               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",

@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from t2t_dist.checkpoint import missing_parts
 from t2t_dist.config import load_config
 from t2t_dist.launch.report import (BEST_CONFIG_NAME, CSV_NAME, PLOT_NAME, STATUS_TAG,
                                     STOP_REASON_TAG, SWEEP_TAG)
 from t2t_dist.launch.sweep import REPORTED_METRICS
 from t2t_dist.tracking import RUN_NAME_TAG
+from test_faults_job import complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def sweep_env(ray_cluster):
     return {**ray_cluster.env(), "TUNE_GLOBAL_CHECKPOINT_S": "1", "DS_ACCELERATOR": "cpu"}
 
@@ -69,13 +71,8 @@ def history_steps(client, run_id, key):
 def checkpointed_epoch(run_dir: Path) -> int:
     """The epoch of the newest checkpoint every rank completed (what a restart resumes from),
     -1 if none."""
-    for folder in sorted(run_dir.glob("checkpoint_step_*"), reverse=True):
-        try:
-            if not missing_parts(folder):
-                return int(folder.name.rsplit("_", 1)[1]) // 23
-        except OSError:  # being written
-            continue
-    return -1
+    name = complete_checkpoint(run_dir)
+    return int(name.rsplit("_", 1)[1]) // 23 if name else -1
 
 
 def at_epoch(client, run_id, epoch, key="val/top1"):
