@@ -2,8 +2,8 @@
 cluster, tiny models on the digits shards, one CPU worker per trial, MLflow on sqlite.
 
 The README's scaled-down depth x width sweep runs to the end with ASHA, its driver killed once
-on the way (SIGKILL, once a trial has finished and another has reported an epoch) and the same
-command run again: no placement group stays reserved, finished trials are not run again, the
+on the way (SIGKILL, once Tune has saved that a trial finished and another has checkpointed an
+epoch) and the same command run again: no placement group stays reserved, finished trials are not run again, the
 interrupted one resumes from its epoch-end checkpoint, and the sweep's results are those a
 user reads in the README.
 """
@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from t2t_dist.config import load_config
 from t2t_dist.launch.report import (BEST_CONFIG_NAME, CSV_NAME, PLOT_NAME, STATUS_TAG,
-                                    STOP_REASON_TAG, SWEEP_TAG)
+                                    STOP_REASON_TAG, SWEEP_TAG, TRIAL_ID_TAG)
 from t2t_dist.launch.sweep import REPORTED_METRICS
 from t2t_dist.tracking import RUN_NAME_TAG
 from test_faults_job import complete_checkpoint
@@ -75,6 +75,18 @@ def checkpointed_epoch(run_dir: Path) -> int:
     return int(name.rsplit("_", 1)[1]) // 23 if name else -1
 
 
+def tune_saved_status(sweep_dir: Path) -> dict[str, str]:
+    """Each trial's status in the experiment state Tune saved to the sweep's storage, the one a
+    restore reads (empty until the first save; a file caught mid-copy reads as not yet saved)."""
+    saved = sorted(sweep_dir.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(saved[-1].read_text())["trial_data"] if saved else []
+    except (OSError, ValueError):
+        return {}
+    return {state["trial_id"]: state["status"]
+            for state in (json.loads(entry[0]) for entry in trials)}
+
+
 def at_epoch(client, run_id, epoch, key="val/top1"):
     """A trial's ``key`` at the end of ``epoch`` (23 steps each)."""
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}[23 * epoch]
@@ -98,23 +110,25 @@ def test_readme_sweep_killed_once_resumes_learns_and_asha_stops_the_worse(
     log_path = tmp_path / "sweep.log"
     started = time.perf_counter()
     process = start_sweep(config_path, ray_cluster, log_path, overrides)
-    # Kill the driver once a trial has finished and another has just checkpointed an epoch that
-    # is not one of ASHA's rungs (2 and 4), so ASHA cannot stop it before the kill and it must
-    # be resumed. (Seen otherwise: killed right after an epoch-2 report that ASHA stopped; or
-    # after an evaluation was logged but before its checkpoint was written.)
+    # Kill the driver once a trial has finished, Tune's saved state (what the restore reads)
+    # says so, and another trial has just checkpointed an epoch that is not one of ASHA's rungs
+    # (2 and 4), so ASHA cannot stop it before the kill and it must be resumed. (Seen otherwise:
+    # killed right after an epoch-2 report that ASHA stopped; after an evaluation was logged but
+    # before its checkpoint was written; before Tune had saved that a trial finished.)
     deadline = time.monotonic() + 600
     finished = interrupted = None
     while time.monotonic() < deadline and process.poll() is None:
         client, _, kids = children(tmp_path, name)
+        saved = tune_saved_status(tmp_path / "runs" / name)
         finished = [k for k in kids if k.info.status == "FINISHED"]
         running = [k for k in kids if k.info.status == "RUNNING" and checkpointed_epoch(
             tmp_path / "runs" / name / "train" / k.data.tags[RUN_NAME_TAG]) in (1, 3, 5, 6, 7)]
-        if finished and running:
+        if finished and running and all(
+                saved.get(k.data.tags[TRIAL_ID_TAG]) == "TERMINATED" for k in finished):
             interrupted = running[0]
             break
         time.sleep(0.25)
     assert interrupted is not None, log_path.read_text()[-5000:]
-    time.sleep(1)  # let Tune save its state (TUNE_GLOBAL_CHECKPOINT_S=1); an epoch takes longer
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     # Nothing the killed sweep reserved stays reserved: by Ray's state API (addressed to this
