@@ -6,8 +6,9 @@ a local Ray cluster (t2t_vit_tiny, digits at 32 px) serves every test here.
 - its ZeRO-3 shards, consolidated by DeepSpeed's zero_to_fp32, give the numbers it logged;
 - `t2t-dist export` equals the live model's weights (the consolidated fp32 weights the run logged
   to MLflow at its end), loads strictly, round-trips through safetensors and the registry;
-- fine-tuning from the run (and from a file in the released layout) at 48 px on a 5-class
-  ImageFolder tree runs through Ray + DeepSpeed and improves over the first epoch.
+- fine-tuning from the run at 48 px on a 5-class ImageFolder tree runs through Ray + DeepSpeed
+  and improves over the first epoch; a file in the released layout hands its workers the same
+  model.
 """
 
 import math
@@ -25,6 +26,7 @@ from t2t_dist import cli
 from t2t_dist.config import load_config
 from t2t_dist.export import resolve_weights
 from t2t_dist.launch import launch, prepare
+from t2t_dist.launch.build import build_model
 from t2t_dist.models import create_model
 from t2t_dist.tracking import RUN_NAME_TAG
 from test_pretrain import assert_metrics_match, evaluate_here
@@ -196,14 +198,17 @@ def five_digits(tmp_path_factory):
     return folders
 
 
-def finetune(run, five_digits, name, pretrained):
-    argv = ["--config", "jobs/configs/finetune_digits.yaml", "--model", "t2t_vit_tiny",
+def finetune_argv(run, five_digits, name, pretrained):
+    return ["--config", "jobs/configs/finetune_digits.yaml", "--model", "t2t_vit_tiny",
             "--pretrained", pretrained, "--train-folder", str(five_digits["train"]),
             "--val-folder", str(five_digits["val"]), "--set", "model.num_classes=5",
             "--set", "optim.epochs=1", "--set", "run.eval_every=5", "--set", "run.log_every=5",
             "--set", f"run.name={name}", "--set", f"run.storage_path={run.config.run.storage_path}",
             "--set", f"run.tracking_uri={run.config.run.tracking_uri}", "--set", "run.max_failures=0"]
-    assert finetune_job.main(argv) == 0
+
+
+def finetune(run, five_digits, name, pretrained):
+    assert finetune_job.main(finetune_argv(run, five_digits, name, pretrained)) == 0
     client = run.client
     experiment = client.get_experiment_by_name("t2t-dist-demo")
     (found,) = client.search_runs([experiment.experiment_id],
@@ -240,10 +245,12 @@ def test_finetune_from_our_run_at_another_size_and_class_count(run, five_digits,
                      for o in run.client.get_run(run.run_id).outputs.model_outputs}
     inputs = run.client.get_run(found.info.run_id).inputs  # search_runs leaves model inputs out
     assert [i.model_id for i in inputs.model_inputs] == [source_models["model"]]
-    run.finetuned = history
 
 
-def test_finetune_from_a_released_layout_file(run, five_digits, tmp_path):
+def test_finetune_from_a_released_layout_file(run, five_digits, tmp_path, monkeypatch):
+    """A file in the authors' layout gives the fine-tuning workers exactly the model our run
+    gives them: the job as a user runs it up to its hand-over to Ray Train (which the test
+    above takes on to the end), then the model built as every worker builds it."""
     mlflow.set_tracking_uri(run.config.run.tracking_uri)  # not whichever store a test used last
     live = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model").state_dict()
     released = tmp_path / "81.5_T2T_ViT_tiny.pth.tar"  # as the authors' files: module. prefix
@@ -252,8 +259,23 @@ def test_finetune_from_a_released_layout_file(run, five_digits, tmp_path):
     torch.save({"state_dict": noise,  # load_pretrained prefers the EMA weights, as released
                 "state_dict_ema": {f"module.{k}": v for k, v in live.items()}, "epoch": 1},
                released)
-    _, history = finetune(run, five_digits, "ft-from-file", str(released))
-    assert improved(history), history
-    # The same weights by another route: the same run, metric for metric.
-    if hasattr(run, "finetuned"):
-        assert history["val/top1"] == run.finetuned["val/top1"]
+    handed = {}
+
+    def train_to_end(job, config, tags):
+        handed[config.run.name] = config, tags
+        return 0
+
+    monkeypatch.setattr(finetune_job, "train_to_end", train_to_end)
+    for name, pretrained in (("hand-over-run", "source"), ("hand-over-file", str(released))):
+        assert finetune_job.main(finetune_argv(run, five_digits, name, pretrained)) == 0
+    (from_run, run_tags), (from_file, file_tags) = handed["hand-over-run"], handed["hand-over-file"]
+    assert from_file.model.pretrained == str(released)  # read where it is, by the workers
+    assert (file_tags["source"], file_tags["source_kind"]) == (str(released), "file")
+    assert run_tags["source_kind"] == "checkpoint"
+    models = []
+    for config in (from_run, from_file):
+        torch.manual_seed(config.run.seed)  # the new 5-class head: the same draw for both
+        models.append(build_model(config).state_dict())
+    assert list(models[0]) == list(models[1])
+    for key, tensor in models[0].items():
+        assert torch.equal(models[1][key], tensor), key
