@@ -3,9 +3,9 @@ cluster, tiny models on the digits shards, one CPU worker per trial, MLflow on s
 
 The README's scaled-down depth x width sweep runs to the end with ASHA, its driver killed once
 on the way (SIGKILL, once Tune has saved that a trial finished and another has checkpointed an
-epoch) and the same command run again: no placement group stays reserved, finished trials are not run again, the
-interrupted one resumes from its epoch-end checkpoint, and the sweep's results are those a
-user reads in the README.
+epoch) and the same command run again: no placement group stays reserved, finished trials are
+not run again, the interrupted one resumes from its epoch-end checkpoint, and the sweep's
+results are those a user reads in the README.
 """
 
 import csv
