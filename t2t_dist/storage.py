@@ -22,6 +22,7 @@ A leaf module: it imports nothing from t2t_dist.
 from __future__ import annotations
 
 import functools
+import http.client
 import io
 import os
 import shutil
@@ -37,8 +38,6 @@ STREAM_RESUMES = 3  # re-issued ranged GETs after a broken body, in a row withou
 def _broken_body_errors() -> tuple[type[BaseException], ...]:
     """What reading a GetObject body raises when the connection breaks mid-body."""
     # S3 only (and cached): a local store never loads botocore or urllib3.
-    import http.client
-
     import botocore.exceptions as botocore_errors
     import urllib3.exceptions as urllib3_errors
 

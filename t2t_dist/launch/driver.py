@@ -25,6 +25,7 @@ import yaml
 
 from t2t_dist.config import SAVED_CONFIG, Config, run_dir, run_name, to_dict
 from t2t_dist.data import is_demo_url, load_shard_table, map_local_parts, resolve_demo_urls
+from t2t_dist.dist import CONSOLE_MARK
 from t2t_dist.launch.console import is_verbose, open_console
 from t2t_dist.launch.preflight import check_model, is_remote
 from t2t_dist.launch.stop import beside_signals, raise_if_stopped, read_finish, stop_on_signals
@@ -156,8 +157,6 @@ def failure_notice(max_failures: int):
     the quiet console hides Ray's own account of it (``console.open_console``). It runs in
     Ray Train's controller, whose output Ray forwards to the driver like a worker's."""
     import ray.train  # see run_tags
-
-    from t2t_dist.dist import CONSOLE_MARK
 
     class FailureNotice(ray.train.UserCallback):
         def after_exception(self, run_context, worker_exceptions) -> None:
