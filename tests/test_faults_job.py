@@ -81,6 +81,16 @@ def mlflow_run(tmp_path, name):
     return client, run
 
 
+def assert_one_run_logged_every_step(client, run, name: str, last_step: int) -> None:
+    """Across the restarts: still the one MLflow run of ``name``, finished, every training step
+    logged once (none lost, none twice)."""
+    [again] = client.search_runs([run.info.experiment_id],
+                                 filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, last_step + 1))
+
+
 @pytest.mark.ray(cpus=2)
 @pytest.mark.slow
 def test_killed_driver_resumes_at_its_last_complete_checkpoint_then_reruns_in_seconds(
@@ -122,11 +132,7 @@ def test_killed_driver_resumes_at_its_last_complete_checkpoint_then_reruns_in_se
     if registered != killed_at:
         assert f"resuming from {run_dir / killed_at}: every rank completed it" in second.stdout
     assert f"finished killed-job: step {EPOCH_STEPS}" in second.stdout
-    [again] = client.search_runs([run.info.experiment_id],
-                                 filter_string=f"tags.`{RUN_NAME_TAG}` = 'killed-job'")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(1, EPOCH_STEPS + 1))  # each once, none lost
+    assert_one_run_logged_every_step(client, run, "killed-job", EPOCH_STEPS)
     final = run_dir / f"checkpoint_step_{EPOCH_STEPS:08d}"
     seen = torch.load(final / "client" / "rank_00000.pt", weights_only=False)["samples_seen"]
     assert seen[0]["samples"] == EPOCH_STEPS * GLOBAL_BATCH  # none lost, none repeated
@@ -230,8 +236,4 @@ def test_ctrl_c_and_sigterm_checkpoint_that_step_and_the_same_command_resumes(
     assert last.returncode == 0, output[-3000:]
     assert re.findall(r"resumed at step (\d+)", output) == [str(terminated)]
     assert f"finished stopped-job: step {MAX_STEPS}" in last.stdout
-    [again] = client.search_runs([run.info.experiment_id],
-                                 filter_string=f"tags.`{RUN_NAME_TAG}` = 'stopped-job'")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(1, MAX_STEPS + 1))  # nothing lost, nothing twice
+    assert_one_run_logged_every_step(client, run, "stopped-job", MAX_STEPS)
