@@ -5,10 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKOV := $(VENV)/checkov/.installed
 export DS_ACCELERATOR ?= cpu
-# DeepSpeed's CPU op is built once per checkout, in its .venv: torch keys the build folder by
-# the op's name alone, so two checkouts (or two virtualenvs) sharing ~/.cache/torch_extensions
-# rebuild it (~40 s, every Ray worker waiting) each time the other one ran last.
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv demo test soak models clean mutation compiler audit
 
