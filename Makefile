@@ -10,17 +10,25 @@ export DS_ACCELERATOR ?= cpu
 
 venv: $(STAMP)
 
-# torch first and pinned: a resolver left alone pulls several GB of CUDA wheels.
-$(STAMP): pyproject.toml constraints.txt
+# torch first and pinned: a resolver left alone pulls several GB of CUDA wheels. Then DeepSpeed
+# with its one CPU op (the shared-memory allreduce of its CPU accelerator) built into .venv now,
+# as cluster/Dockerfile builds its GPU ops: left alone, every new virtualenv's first job would
+# JIT-build it into ~/.cache/torch_extensions (~40 s, every Ray worker waiting on the build),
+# and two checkouts on one machine would rebuild it there in turn (torch keys it by name only).
+# --no-cache-dir: a wheel pip built earlier without the op would otherwise be reused.
+$(STAMP): pyproject.toml constraints.txt | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt torch setuptools==80.9.0 wheel==0.45.1 ninja packaging
+	DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir \
+	  -c constraints.txt deepspeed
+	$(BIN)/python -c "from deepspeed.git_version_info import installed_ops as ops; \
+	  assert ops.get('deepspeed_shm_comm'), 'DeepSpeed CPU op not prebuilt'"
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,mutation]"
 	touch $(STAMP)
 
-# DeepSpeed JIT-builds a small C++ op on CPU (its shared-memory allreduce) with ninja (a Python
-# dependency, in .venv) and the system C++ compiler (torch runs $CXX, else c++), which a fresh
-# machine may lack.
+# DeepSpeed's CPU op is compiled at install with ninja (a Python dependency, in .venv) and the
+# system C++ compiler (torch runs $CXX, else c++), which a fresh machine may lack.
 compiler:
 	@command -v $${CXX:-c++} >/dev/null || { echo "make: no C++ compiler ($${CXX:-c++}) on PATH:" \
 	  "DeepSpeed builds a small C++ op on CPU. Install one: sudo apt-get install g++" \
@@ -35,7 +43,7 @@ $(CHECKOV):
 	touch $@
 
 # The job builds its digits shards itself on first use (in ~/.cache/t2t-dist).
-demo: compiler $(STAMP)
+demo: $(STAMP)
 	$(BIN)/python jobs/pretrain.py --config jobs/configs/demo.yaml
 
 models: $(STAMP)
@@ -46,12 +54,12 @@ models: $(STAMP)
 # fixtures, e.g. its trained runs, are built once) in the order tests/conftest.py gives them:
 # the Ray-heavy modules first. TEST_WORKERS=0 runs in this process alone.
 TEST_WORKERS ?= 2
-test: compiler $(STAMP) $(CHECKOV)
+test: $(STAMP) $(CHECKOV)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The soak tests, not part of `make test`: a node lost and regrown on a two-node Ray cluster
 # on this host (~7-9 min on 2 cores), and the chaos run (~25-30 min; README, "Tests").
-soak: compiler $(STAMP)
+soak: $(STAMP)
 	$(BIN)/python -m pytest -m soak -s
 
 # Mutation testing, not part of `make test`: mutmut breaks one spot at a time in optim, engine,
@@ -59,7 +67,7 @@ soak: compiler $(STAMP)
 # pyproject.toml). ~1,500 mutants: over an hour on 2 cores (650 took 26 min); one module:
 # `$(BIN)/mutmut run "t2t_dist.optim*"`.
 # Then `$(BIN)/mutmut results` lists the survivors, `$(BIN)/mutmut show NAME` the change.
-mutation: compiler $(STAMP)
+mutation: $(STAMP)
 	rm -rf mutants  # mutmut keeps stale copies of changed sources
 	$(BIN)/mutmut run --max-children $$(nproc)
 	$(BIN)/mutmut results
