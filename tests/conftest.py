@@ -21,6 +21,15 @@ import pytest
 
 from ray_cluster import digits_shards, driver, ray_cluster  # noqa: F401  (fixtures for every test module)
 
+# Under pytest-xdist each test process, and everything it starts (jobs, Ray clusters, spawned
+# ranks), gets its share of the cores for torch's OpenMP threads, as Ray gives each worker its
+# CPUs. Left at every core each, the processes' threads spin waiting on each other: measured,
+# `benchmarks/gpu_node.py --quick` beside two busy processes 28 s (19 s of CPU) with 2 threads,
+# 13 s (7 s) with 1; alone, 8 s. Read by OpenMP when torch loads, which is after this.
+_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _PROCESSES > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _PROCESSES)))
+
 # The server runs in its own process, so DataLoader workers forked from the test process do
 # not inherit its listening socket (which would keep the port bound across a restart).
 # It is driven by lines on its stdin, read by its main thread: "stop" closes the listening
