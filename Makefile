@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch setuptools==80.9.0 wheel==0.45.1 ninja packaging
+	$(BIN)/pip install -q -c constraints.txt torch setuptools wheel ninja packaging
 	DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir \
 	  -c constraints.txt deepspeed
 	$(BIN)/python -c "from deepspeed.git_version_info import installed_ops as ops; \

@@ -23,9 +23,11 @@ from ray_cluster import digits_shards, driver, ray_cluster  # noqa: F401  (fixtu
 
 # Under pytest-xdist each test process, and everything it starts (jobs, Ray clusters, spawned
 # ranks), gets its share of the cores for torch's OpenMP threads, as Ray gives each worker its
-# CPUs. Left at every core each, the processes' threads spin waiting on each other: measured,
-# `benchmarks/gpu_node.py --quick` beside two busy processes 28 s (19 s of CPU) with 2 threads,
-# 13 s (7 s) with 1; alone, 8 s. Read by OpenMP when torch loads, which is after this.
+# CPUs. Left at every core each, the processes' threads spin waiting on each other: measured
+# beside two busy processes (`python3 -c "while True: pass" &`, twice), `time OMP_NUM_THREADS=N
+# .venv/bin/python benchmarks/gpu_node.py --device cpu --quick --zero-stages 0 2` took 28 s
+# (19 s of CPU) with 2 threads, 13 s (7 s) with 1; alone, 8 s. Read by OpenMP when torch loads,
+# which is after this.
 _PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _PROCESSES > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _PROCESSES)))
